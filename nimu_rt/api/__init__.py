@@ -1,0 +1,11 @@
+"""HTTP and WebSocket routes, one module per resource."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+from nimu_rt.api import generations, health
+
+
+def all_routes() -> list[BaseRoute]:
+    return [*health.routes, *generations.routes]

@@ -1,0 +1,136 @@
+"""Helpers every route uses: the caller, the body, query values, JSON answers."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from nimu_rt.auth import Principal
+from nimu_rt.errors import (
+    MalformedJSON,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def services(request: Request) -> Any:
+    """The :class:`nimu_rt.app.Services` of the running app."""
+    return request.app.state.services
+
+
+def principal(request: Request) -> Principal:
+    """The verified caller; raises Unauthorized (401) without a valid token."""
+    cached = request.scope.get("nimu.principal")
+    if cached is None:
+        cached = services(request).auth.authenticate(
+            request.headers.get("authorization")
+        )
+        request.scope["nimu.principal"] = cached
+    return cached
+
+
+def operator(request: Request) -> Principal:
+    """The caller, who must have the admin or service role (403 otherwise)."""
+    caller = principal(request)
+    caller.require_operator()
+    return caller
+
+
+async def read_body(request: Request, kind: type[T]) -> tuple[T, bytes]:
+    """Decode a JSON body into ``kind``; return it with the raw bytes.
+
+    Refuses a non-JSON content type (415), a body over
+    ``server.max_body_bytes`` (413), bytes that are not JSON (400) and a
+    document of the wrong shape (422, with the JSON path of the bad field).
+    """
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType("send the body as Content-Type: application/json")
+    limit = services(request).settings.server.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body must be at most {limit} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body must be at most {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        return decoder.decode(raw), raw
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed([validation_item(str(exc))]) from None
+    except msgspec.DecodeError as exc:
+        raise MalformedJSON(f"the body is not valid JSON: {exc}") from None
+
+
+def validation_item(message: str) -> dict[str, str]:
+    """msgspec's "problem - at `$.path`" as a {path, message} item."""
+    problem, sep, path = message.rpartition(" - at `")
+    if not sep:
+        return {"path": "$", "message": message}
+    return {"path": path.rstrip("`"), "message": problem}
+
+
+def query_int(
+    request: Request, name: str, default: int, *, minimum: int, maximum: int
+) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not minimum <= value <= maximum:
+        raise ValidationFailed(
+            [
+                {
+                    "path": f"$query.{name}",
+                    "message": f"must be an integer from {minimum} to {maximum}",
+                }
+            ]
+        )
+    return value
+
+
+def encode_cursor(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str | None, name: str = "cursor") -> str | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        return base64.urlsafe_b64decode(padded.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationFailed(
+            [{"path": f"$query.{name}", "message": "not a cursor from this API"}]
+        ) from None
+
+
+def json_response(
+    value: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        _encoder.encode(value),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )

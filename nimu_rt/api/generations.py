@@ -1,0 +1,160 @@
+"""Routes of ``/api/generations``: the user's side of the lifecycle."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from nimu_rt.api.common import (
+    decode_cursor,
+    encode_cursor,
+    json_response,
+    principal,
+    query_int,
+    read_body,
+    services,
+)
+from nimu_rt.api.schemas import (
+    ClarifyBody,
+    ConfirmBody,
+    CreateGenerationBody,
+    StatusOverrideBody,
+)
+from nimu_rt.errors import ValidationFailed
+from nimu_rt.lifecycle import Status
+from nimu_rt.models import Generation, Page
+
+
+def etag(generation: Generation) -> str:
+    # seq changes with every stored change, so it names a version exactly.
+    return f'"{generation.seq}"'
+
+
+def snapshot_response(generation: Generation, status: int = 200) -> Response:
+    return json_response(generation, status, headers={"ETag": etag(generation)})
+
+
+async def create(request: Request) -> Response:
+    caller = principal(request)
+    body, raw = await read_body(request, CreateGenerationBody)
+    generation, replayed = await services(request).generations.create(
+        caller,
+        body,
+        raw_body=raw,
+        idempotency_key=request.headers.get("idempotency-key"),
+    )
+    response = snapshot_response(generation, 201)
+    response.headers["Location"] = f"/api/generations/{generation.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def list_generations(request: Request) -> Response:
+    caller = principal(request)
+    limits = services(request).settings.generations
+    limit = query_int(
+        request, "limit", limits.default_page_size, minimum=1, maximum=limits.max_page_size
+    )
+    statuses = []
+    for raw in request.query_params.getlist("status"):
+        for word in filter(None, raw.split(",")):
+            try:
+                statuses.append(Status(word))
+            except ValueError:
+                raise ValidationFailed(
+                    [
+                        {
+                            "path": "$query.status",
+                            "message": f"unknown status {word!r}; one of "
+                            + ", ".join(s.value for s in Status),
+                        }
+                    ]
+                ) from None
+    before = decode_cursor(request.query_params.get("cursor"))
+    # One extra row tells whether another page exists.
+    rows = await services(request).generations.list(
+        caller, statuses=statuses, before_id=before, limit=limit + 1
+    )
+    cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return json_response(Page(items=rows[:limit], next_cursor=cursor))
+
+
+async def get(request: Request) -> Response:
+    caller = principal(request)
+    generation = await services(request).generations.get(
+        caller, request.path_params["id"]
+    )
+    if request.headers.get("if-none-match") == etag(generation):
+        return Response(status_code=304, headers={"ETag": etag(generation)})
+    return snapshot_response(generation)
+
+
+async def events(request: Request) -> Response:
+    caller = principal(request)
+    since = query_int(request, "sinceSeq", 0, minimum=0, maximum=2**62)
+    limit = query_int(request, "limit", 100, minimum=1, maximum=1000)
+    rows = await services(request).generations.events(
+        caller, request.path_params["id"], since, limit + 1
+    )
+    # The cursor is the seq to pass as sinceSeq for the next page.
+    cursor = str(rows[limit - 1].seq) if len(rows) > limit else None
+    return json_response(Page(items=rows[:limit], next_cursor=cursor))
+
+
+async def clarify(request: Request) -> Response:
+    caller = principal(request)
+    body, _ = await read_body(request, ClarifyBody)
+    generation = await services(request).generations.clarify(
+        caller, request.path_params["id"], body.answers
+    )
+    return snapshot_response(generation)
+
+
+async def confirm(request: Request) -> Response:
+    caller = principal(request)
+    body, _ = await read_body(request, ConfirmBody)
+    generation = await services(request).generations.confirm(
+        caller, request.path_params["id"], body.accepted_cost_usd
+    )
+    return snapshot_response(generation)
+
+
+async def cancel(request: Request) -> Response:
+    caller = principal(request)
+    generation = await services(request).generations.cancel(
+        caller, request.path_params["id"]
+    )
+    return snapshot_response(generation)
+
+
+async def retry(request: Request) -> Response:
+    caller = principal(request)
+    generation = await services(request).generations.retry(
+        caller, request.path_params["id"]
+    )
+    return snapshot_response(generation)
+
+
+async def override_status(request: Request) -> Response:
+    caller = principal(request)
+    caller.require_operator()
+    body, _ = await read_body(request, StatusOverrideBody)
+    generation = await services(request).generations.override(
+        caller, request.path_params["id"], body.status, body.reason, body.error
+    )
+    return snapshot_response(generation)
+
+
+routes = [
+    Route("/api/generations", create, methods=["POST"]),
+    Route("/api/generations", list_generations, methods=["GET"]),
+    Route("/api/generations/{id}", get, methods=["GET"]),
+    Route("/api/generations/{id}/events", events, methods=["GET"]),
+    Route("/api/generations/{id}/clarify", clarify, methods=["POST"]),
+    Route("/api/generations/{id}/confirm", confirm, methods=["POST"]),
+    Route("/api/generations/{id}/cancel", cancel, methods=["POST"]),
+    Route("/api/generations/{id}/retry", retry, methods=["POST"]),
+    Route("/api/generations/{id}/status", override_status, methods=["PUT"]),
+]

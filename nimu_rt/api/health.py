@@ -1,0 +1,52 @@
+"""Liveness, readiness and the operators' summary."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from nimu_rt import __version__
+from nimu_rt.api.common import json_response, operator, services
+from nimu_rt.errors import NimuError, StoreUnavailable
+
+
+async def healthz(request: Request) -> Response:
+    """The process is alive and serving. No I/O, no auth."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready for traffic: the store answers. 503 otherwise. No auth."""
+    svc = services(request)
+    try:
+        await svc.store.ping()
+    except NimuError as exc:
+        raise StoreUnavailable(f"not ready: {exc.detail}") from None
+    return json_response({"status": "ready", "store": svc.store.kind})
+
+
+async def health(request: Request) -> Response:
+    """Version, instance, store and generation counts (admin)."""
+    operator(request)
+    svc = services(request)
+    counts = await svc.store.counts_by_status()
+    return json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "instanceId": svc.instance_id,
+            "store": svc.store.kind,
+            "uptimeSeconds": round(time.monotonic() - svc.started_monotonic, 3),
+            "generationsByStatus": counts,
+        }
+    )
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/api/health", health, methods=["GET"]),
+]

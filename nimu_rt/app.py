@@ -1,0 +1,236 @@
+"""The application factory: wires settings, store and routes into one ASGI app.
+
+:class:`Services` owns every long-lived part of a running instance and is
+the one place that starts and stops them, in order. Routes reach it through
+``request.app.state.services``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nimu_rt.api import all_routes
+from nimu_rt.auth import TokenAuthority, signing_secret
+from nimu_rt.config import Settings
+from nimu_rt.errors import (
+    ConfigError,
+    MethodNotAllowed,
+    NimuError,
+    NotFound,
+)
+from nimu_rt.generations import Generations
+from nimu_rt.models import encode
+from nimu_rt.store import Store, create_store
+
+log = logging.getLogger(__name__)
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Services:
+    """Everything one running instance holds, started and stopped together."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or create_store(settings)
+        self.instance_id = settings.server.instance_id or default_instance_id()
+        self.auth = TokenAuthority(settings, signing_secret(settings))
+        self.generations = Generations(settings, self.store)
+        self.started_monotonic = time.monotonic()
+        self._started = False
+
+    async def start(self) -> None:
+        """Open the store and start background work; a second call does nothing."""
+        if self._started:
+            return
+        await self.store.open()
+        if self.settings.embedded or self.settings.database.auto_migrate:
+            applied = await self.store.migrate()
+            if applied:
+                log.info(
+                    "migrations applied: %s",
+                    applied,
+                    extra={"action": "store.migrate"},
+                )
+        else:
+            pending = await self.store.pending_migrations()
+            if pending:
+                await self.store.close()
+                raise ConfigError(
+                    f"database: schema migrations {pending} are not applied;"
+                    " run `nimu-rt migrate` (the Procfile's release step)"
+                )
+        self.started_monotonic = time.monotonic()
+        self._started = True
+        log.info(
+            "instance %s started with the %s store",
+            self.instance_id,
+            self.store.kind,
+            extra={"action": "instance.start", "instance_id": self.instance_id},
+        )
+
+    async def stop(self) -> None:
+        """Stop background work and close the store; safe to call twice."""
+        if not self._started:
+            return
+        self._started = False
+        await self.store.close()
+        log.info(
+            "instance %s stopped",
+            self.instance_id,
+            extra={"action": "instance.stop", "instance_id": self.instance_id},
+        )
+
+
+def create_app(settings: Settings, *, services: Services | None = None) -> Starlette:
+    """The ASGI app for ``settings``; its lifespan starts and stops Services."""
+    svc = services or Services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await svc.start()
+        try:
+            yield
+        finally:
+            await svc.stop()
+
+    app = Starlette(
+        routes=all_routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            NimuError: _nimu_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+    app.state.services = svc
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+# -- errors as problem+json ----------------------------------------------------
+
+
+def problem_response(request: Request, error: NimuError) -> Response:
+    doc = error.problem(
+        request_id=request.scope.get("nimu.request_id"),
+        instance=request.url.path,
+    )
+    return Response(
+        encode(doc),
+        status_code=error.status,
+        media_type="application/problem+json",
+        headers=dict(error.headers()),
+    )
+
+
+async def _nimu_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, NimuError)
+    return problem_response(request, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Starlette raises these for unknown paths and wrong methods.
+    assert isinstance(exc, HTTPException)
+    error: NimuError
+    if exc.status_code == 404:
+        error = NotFound(f"no route for {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed here")
+    else:
+        error = NimuError(str(exc.detail))
+        error.status = exc.status_code  # type: ignore[misc]
+    response = problem_response(request, error)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    # Logged once here, where the request ends; the client gets the id to
+    # quote, not the traceback.
+    log.error(
+        "unhandled error in %s %s",
+        request.method,
+        request.url.path,
+        exc_info=exc,
+        extra={
+            "action": "http.error",
+            "request_id": request.scope.get("nimu.request_id"),
+        },
+    )
+    return problem_response(request, NimuError("an unexpected error happened"))
+
+
+# -- request ids -------------------------------------------------------------------
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the caller's X-Request-ID when sane).
+
+    The id is returned in ``X-Request-ID``, written into problem documents
+    and log records, so a user's report can be matched to the server's logs.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_id(scope) or secrets.token_hex(8)
+        scope["nimu.request_id"] = request_id
+        started = time.perf_counter()
+        status_holder: dict[str, Any] = {}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["type"] == "http":
+                log.info(
+                    "%s %s %s",
+                    scope["method"],
+                    scope["path"],
+                    status_holder.get("status", "-"),
+                    extra={
+                        "action": "http.request",
+                        "request_id": request_id,
+                        "status": status_holder.get("status"),
+                        "duration_ms": round(
+                            (time.perf_counter() - started) * 1000, 2
+                        ),
+                    },
+                )
+
+
+def _incoming_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if 0 < len(text) <= 128 and text.isascii() and text.isprintable():
+                return text
+    return None

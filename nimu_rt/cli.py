@@ -1,0 +1,210 @@
+"""The ``nimu-rt`` command: serve, migrate, token.
+
+Every subcommand reads the same settings (see :mod:`nimu_rt.config`). A bad
+setting ends the command with one line on stderr naming the key, and exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+
+from nimu_rt import __version__, logs
+from nimu_rt.config import Settings, load_settings
+from nimu_rt.errors import NimuError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except NimuError as exc:
+        print(f"nimu-rt: {exc.detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nimu-rt",
+        description="Real-time backend for paid Veo 3 video generation.",
+        epilog="Settings: config/default.toml, the file in $NIMU_CONFIG, then"
+        " NIMU_<SECTION>_<KEY> environment variables.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(title="commands", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the HTTP and WebSocket server. With no settings it runs"
+        " the embedded default in the current directory: SQLite and files under"
+        " ./data, the built-in Veo 3 simulator, and a printed dev token.",
+    )
+    serve.add_argument("--host", help="address to bind (default: server.host)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        help="port to bind (default: $PORT when set, else server.port; 0 picks"
+        " a free port)",
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply database migrations",
+        description="Apply pending schema migrations to the configured database"
+        " and exit. Safe to run concurrently and repeatedly.",
+    )
+    migrate.set_defaults(handler=cmd_migrate)
+
+    token = commands.add_parser(
+        "token",
+        help="print a bearer token",
+        description="Print a signed bearer token, alone on stdout, for the"
+        " configured secret (or the embedded default's dev key).",
+    )
+    token.add_argument("--user", required=True, help="user id (the sub claim)")
+    token.add_argument(
+        "--role",
+        choices=["user", "admin", "service"],
+        default="user",
+        help="role claim; admin and service unlock operator routes",
+    )
+    token.add_argument(
+        "--ttl",
+        type=int,
+        metavar="SECONDS",
+        help="lifetime (default: auth.dev_token_ttl_s)",
+    )
+    token.set_defaults(handler=cmd_token)
+    return parser
+
+
+def _settings_for_serve(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    elif os.environ.get("PORT"):
+        overrides["port"] = os.environ["PORT"]
+    return load_settings(overrides={"server": overrides} if overrides else None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nimu_rt.app import Services, create_app
+
+    settings = _settings_for_serve(args)
+    logs.configure(settings.logging)
+    family = socket.AF_INET6 if ":" in settings.server.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.server.host, settings.server.port))
+    except OSError as exc:
+        print(
+            f"nimu-rt: cannot listen on {settings.server.host}:"
+            f"{settings.server.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    port = sock.getsockname()[1]
+    if port != settings.server.port:
+        settings = load_settings(
+            overrides={"server": {"host": settings.server.host, "port": port}}
+        )
+
+    async def run() -> None:
+        services = Services(settings)
+        # Started here rather than in uvicorn's lifespan so that a startup
+        # problem ends the command with one clear line, not a traceback.
+        await services.start()
+        try:
+            app = create_app(settings, services=services)
+            config = uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=int(settings.server.shutdown_grace_s),
+                proxy_headers=True,
+            )
+            _print_banner(settings, services)
+            await uvicorn.Server(config).serve(sockets=[sock])
+        finally:
+            await services.stop()
+
+    asyncio.run(run())
+    return 0
+
+
+def _print_banner(settings: Settings, services: object) -> None:
+    from nimu_rt.app import Services
+
+    assert isinstance(services, Services)
+    lines = [f"nimu-rt {__version__} serving on {settings.base_url}"]
+    lines.append(f"  store: {services.store.kind} ({_redact(settings.database_url)})")
+    if not settings.auth.jwt_secret:
+        token = services.auth.issue("dev")
+        lines.append("  dev token (user 'dev'; admin: nimu-rt token --user NAME"
+                     " --role admin):")
+        lines.append(f"  {token}")
+    print("\n".join(lines), flush=True)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for printing."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}"
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from nimu_rt.store import create_store
+
+    settings = load_settings()
+    logs.configure(settings.logging)
+
+    async def run() -> list[int]:
+        store = create_store(settings)
+        await store.open()
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    applied = asyncio.run(run())
+    if applied:
+        print(f"applied migrations {', '.join(map(str, applied))}")
+    else:
+        print("the schema is up to date")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from nimu_rt.auth import TokenAuthority, principal_from_claims, signing_secret
+
+    settings = load_settings()
+    principal_from_claims({"sub": args.user, "role": args.role})
+    authority = TokenAuthority(settings, signing_secret(settings))
+    print(authority.issue(args.user, role=args.role, ttl_s=args.ttl))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

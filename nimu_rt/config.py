@@ -1,0 +1,310 @@
+"""Settings: typed structs, where they come from, and how a bad one is reported.
+
+Settings are read in this order, each layer overriding the one before:
+
+1. the defaults written in the structs below;
+2. ``config/default.toml`` of this checkout (it documents every setting and a
+   test keeps it equal to the structs);
+3. the TOML file named by ``NIMU_CONFIG``, when set;
+4. ``NIMU_<SECTION>_<KEY>`` environment variables, e.g. ``NIMU_DATABASE_URL``
+   or ``NIMU_QUEUE_MAX_ATTEMPTS``. A value for a table or list setting is
+   written as JSON.
+
+An unknown key, a wrong type or a value out of range raises
+:class:`~nimu_rt.errors.ConfigError` whose message is one line naming the key,
+the problem and where the value came from. The command line prints that line
+and exits.
+
+Environment variables that configure the test and benchmark harness rather
+than the service (``NIMU_CONFIG``, ``NIMU_TEST_*``, ``NIMU_BENCH_*``,
+``NIMU_REQUIRE_POSTGRES``) are not settings and are ignored here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from nimu_rt.errors import ConfigError
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every settings table: unknown keys are an error, not ignored."""
+
+
+class ServerSettings(_Section, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    # Where the embedded default keeps its SQLite file, videos and dev key.
+    data_dir: str = "./data"
+    # Base URL that clients use to reach this service; empty means
+    # http://{host}:{port}. Used in printed links and local signed URLs.
+    public_url: str = ""
+    # Stable name of this process in a cluster; empty means host-pid-random.
+    instance_id: str = ""
+    # Seconds a graceful shutdown waits for running work before cancelling it.
+    shutdown_grace_s: NonNegativeFloat = 10.0
+    # Largest JSON request body accepted; larger ones get 413.
+    max_body_bytes: PositiveInt = 64 * 1024
+
+
+class DatabaseSettings(_Section, kw_only=True):
+    # Empty means the embedded default, SQLite at {data_dir}/nimu.db.
+    # Otherwise postgresql://... or sqlite:///path/to/file.db.
+    url: str = ""
+    # PostgreSQL schema that holds the tables (its search_path).
+    schema_name: Annotated[str, Meta(pattern=r"^[a-z_][a-z0-9_]{0,62}$")] = "public"
+    pool_min_size: NonNegativeInt = 1
+    pool_max_size: PositiveInt = 10
+    connect_timeout_s: PositiveFloat = 10.0
+    command_timeout_s: PositiveFloat = 30.0
+    # Apply pending migrations when the server starts. SQLite always does.
+    auto_migrate: bool = False
+
+
+class AuthSettings(_Section, kw_only=True):
+    # Shared secret for HS256 tokens. Empty in the embedded default means a
+    # dev key generated once and kept in {data_dir}/dev-signing-key.
+    jwt_secret: str = ""
+    # Accepted signing algorithms; a token's own "alg" header is not trusted.
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
+    # Checked when not empty.
+    issuer: str = ""
+    audience: str = ""
+    # Clock skew tolerated on exp, nbf and iat.
+    leeway_s: NonNegativeFloat = 30.0
+    # Lifetime of tokens printed by `nimu-rt serve` and `nimu-rt token`.
+    dev_token_ttl_s: PositiveInt = 30 * 24 * 3600
+
+
+class GenerationSettings(_Section, kw_only=True):
+    # Model used when a request names none; must be a key of [pricing].
+    default_model: str = "veo-3.1-generate-001"
+    max_prompt_chars: Annotated[int, Meta(ge=1, le=20000)] = 2000
+    max_answer_chars: Annotated[int, Meta(ge=1, le=20000)] = 500
+    # Prompts with fewer words than this get a "detail" question.
+    min_prompt_words: NonNegativeInt = 5
+    # Page size of list routes when the caller asks for none, and the cap.
+    default_page_size: Annotated[int, Meta(ge=1, le=1000)] = 20
+    max_page_size: Annotated[int, Meta(ge=1, le=1000)] = 100
+
+
+class Rate(_Section, kw_only=True):
+    """USD per generated second, with and without an audio track."""
+
+    audio: NonNegativeFloat
+    silent: NonNegativeFloat
+
+
+def _default_pricing() -> dict[str, dict[str, Rate]]:
+    # Vertex AI list prices per second as captured 2026-08 (see README).
+    return {
+        "veo-3.1-generate-001": {
+            "720p": Rate(audio=0.40, silent=0.20),
+            "1080p": Rate(audio=0.40, silent=0.20),
+        },
+        "veo-3.1-fast-generate-001": {
+            "720p": Rate(audio=0.10, silent=0.08),
+            "1080p": Rate(audio=0.12, silent=0.10),
+        },
+    }
+
+
+class LoggingSettings(_Section, kw_only=True):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "text"
+
+
+class Settings(_Section, kw_only=True):
+    """Every setting of the service, grouped by the part that reads it."""
+
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    database: DatabaseSettings = msgspec.field(default_factory=DatabaseSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    generations: GenerationSettings = msgspec.field(
+        default_factory=GenerationSettings
+    )
+    # Price table: model -> resolution -> rate. Models missing here cannot be
+    # requested.
+    pricing: dict[str, dict[str, Rate]] = msgspec.field(
+        default_factory=_default_pricing
+    )
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.server.data_dir).expanduser().resolve()
+
+    @property
+    def database_url(self) -> str:
+        """The configured URL, or the embedded SQLite file under data_dir."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.data_path / 'nimu.db'}"
+
+    @property
+    def embedded(self) -> bool:
+        """True when the store is SQLite: one process, local files."""
+        return self.database_url.startswith("sqlite:")
+
+    @property
+    def base_url(self) -> str:
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        host = self.server.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server.port}"
+
+
+DEFAULT_FILE = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+_IGNORED_ENV = re.compile(r"^NIMU_(CONFIG|REQUIRE_POSTGRES|TEST_.*|BENCH_.*)$")
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    default_file: Path | None = DEFAULT_FILE,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from the layers in the module docstring.
+
+    ``overrides`` is a nested mapping applied last; tests use it instead of
+    environment variables. Raises :class:`ConfigError` on the first problem.
+    """
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+
+    # 1. Files: the documented defaults, then the deployment's own file.
+    files = []
+    if default_file is not None and default_file.is_file():
+        files.append(default_file)
+    if env.get("NIMU_CONFIG"):
+        path = Path(env["NIMU_CONFIG"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"NIMU_CONFIG: no such file: {path}")
+        files.append(path)
+    for path in files:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read TOML: {exc}") from None
+        _merge(merged, data, origin, str(path), prefix="")
+
+    # 2. Environment variables.
+    for name in sorted(env):
+        if not name.startswith("NIMU_") or _IGNORED_ENV.match(name):
+            continue
+        section, key = _split_env_name(name)
+        value = _parse_env_value(name, section, key, env[name])
+        _merge(merged, {section: {key: value}}, origin, name, prefix="")
+
+    # 3. Explicit overrides from code.
+    if overrides:
+        _merge(merged, dict(overrides), origin, "overrides", prefix="")
+
+    try:
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def _merge(
+    into: dict[str, Any],
+    data: Mapping[str, Any],
+    origin: dict[str, str],
+    source: str,
+    prefix: str,
+) -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        # Tables merge key by key so a file may set one key of a section;
+        # the price table is replaced per model so a model's rows stay whole.
+        if (
+            isinstance(value, Mapping)
+            and isinstance(into.get(key), dict)
+            and prefix.count(".") < 1
+        ):
+            _merge(into[key], value, origin, source, prefix=f"{dotted}.")
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+            origin[dotted] = source
+
+
+def _split_env_name(name: str) -> tuple[str, str]:
+    rest = name[len("NIMU_") :].lower()
+    sections = sorted(Settings.__struct_fields__, key=len, reverse=True)
+    for section in sections:
+        if rest.startswith(section + "_"):
+            key = rest[len(section) + 1 :]
+            if _section_fields(section) is None or key in _section_fields(section):
+                return section, key
+            raise ConfigError(f"{name}: unknown setting {section}.{key}")
+    raise ConfigError(f"{name}: unknown setting (no section named like it)")
+
+
+def _section_fields(section: str) -> tuple[str, ...] | None:
+    """Field names of a section struct, or None for free-form tables."""
+    field_type = Settings.__annotations__[section]
+    cls = globals().get(field_type) if isinstance(field_type, str) else field_type
+    if isinstance(cls, type) and issubclass(cls, Struct):
+        return cls.__struct_fields__
+    return None
+
+
+def _parse_env_value(name: str, section: str, key: str, raw: str) -> Any:
+    # Scalars stay strings and msgspec converts them (strict=False); lists
+    # and tables must be JSON so that they can be told apart from scalars.
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name}: not valid JSON: {exc}") from None
+    return raw
+
+
+_AT = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
+    match = _AT.match(str(exc))
+    assert match is not None  # the pattern matches any string
+    problem = match["problem"]
+    path = (match["path"] or "").lstrip(".")
+    path = re.sub(r"\[(?:'|\")?([^\]'\"]+)(?:'|\")?\]", r".\1", path).lstrip(".")
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", problem)
+    if unknown:
+        path = f"{path}.{unknown[1]}" if path else unknown[1]
+        problem = "unknown setting"
+    missing = re.match(r"Object missing required field `([^`]+)`", problem)
+    if missing:
+        path = f"{path}.{missing[1]}" if path else missing[1]
+        problem = "required setting is missing"
+    source = _source_of(path, origin)
+    where = f" (from {source})" if source else ""
+    return f"{path or 'settings'}: {problem}{where}"
+
+
+def _source_of(path: str, origin: Mapping[str, str]) -> str | None:
+    parts = path.split(".")
+    while parts:
+        found = origin.get(".".join(parts))
+        if found:
+            return found
+        parts.pop()
+    return None

@@ -1,0 +1,216 @@
+"""The exception tree of nimu_rt and its RFC 9457 problem+json form.
+
+Every error the service raises on purpose derives from :class:`NimuError`.
+Errors of libraries we call (asyncpg, sqlite3, botocore, httpx) are translated
+into this tree where our code calls them, so that routes and actors only ever
+see these types::
+
+    NimuError                      500 internal_error
+    ├── ConfigError                    (startup only; never an HTTP answer)
+    ├── BadRequest                 400 bad_request
+    │   └── MalformedJSON          400 malformed_json
+    ├── Unauthorized               401 unauthorized
+    ├── Forbidden                  403 forbidden
+    ├── NotFound                   404 not_found
+    ├── MethodNotAllowed           405 method_not_allowed
+    ├── Conflict                   409 conflict
+    │   ├── InvalidTransition      409 invalid_transition
+    │   └── CostNotAccepted        409 cost_not_accepted
+    ├── PayloadTooLarge            413 payload_too_large
+    ├── UnsupportedMediaType       415 unsupported_media_type
+    ├── ValidationFailed           422 validation_failed
+    │   └── IdempotencyKeyReused   422 idempotency_key_reused
+    ├── RateLimited                429 rate_limited
+    └── Unavailable                503 unavailable
+        └── StoreUnavailable       503 store_unavailable
+
+The ``code`` of each class is part of the wire contract: clients branch on it,
+so a code is never renamed. Extra data travels in attributes and is rendered
+as camelCase members of the problem document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+PROBLEM_TYPE_PREFIX = "urn:nimu-rt:problem:"
+
+
+class NimuError(Exception):
+    """Root of the tree; an unexpected failure inside nimu_rt."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal server error"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        self.detail = detail or self.title
+        # Members added to the problem document, already in wire (camelCase)
+        # spelling, e.g. currentStatus or retryAfterSeconds.
+        self.extra: dict[str, Any] = extra
+        super().__init__(self.detail)
+
+    def problem(
+        self, *, request_id: str | None = None, instance: str | None = None
+    ) -> dict[str, Any]:
+        """The RFC 9457 document for this error."""
+        doc: dict[str, Any] = {
+            "type": PROBLEM_TYPE_PREFIX + self.code,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if instance:
+            doc["instance"] = instance
+        if request_id:
+            doc["requestId"] = request_id
+        doc.update(self.extra)
+        return doc
+
+    def headers(self) -> Mapping[str, str]:
+        """HTTP headers that belong with this error (e.g. Retry-After)."""
+        return {}
+
+
+class ConfigError(NimuError):
+    """A setting is unknown, mistyped or out of range; the process stops."""
+
+    code = "config_error"
+    title = "Invalid configuration"
+
+
+class BadRequest(NimuError):
+    code = "bad_request"
+    status = 400
+    title = "Bad request"
+
+
+class MalformedJSON(BadRequest):
+    code = "malformed_json"
+    title = "Request body is not valid JSON"
+
+
+class Unauthorized(NimuError):
+    code = "unauthorized"
+    status = 401
+    title = "Authentication required"
+
+    def headers(self) -> Mapping[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="nimu-rt"'}
+
+
+class Forbidden(NimuError):
+    code = "forbidden"
+    status = 403
+    title = "Not allowed"
+
+
+class NotFound(NimuError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class MethodNotAllowed(NimuError):
+    code = "method_not_allowed"
+    status = 405
+    title = "Method not allowed"
+
+
+class Conflict(NimuError):
+    code = "conflict"
+    status = 409
+    title = "Conflict with the current state"
+
+
+class InvalidTransition(Conflict):
+    """A lifecycle action that the current status does not allow.
+
+    ``currentStatus`` names the status the generation is in; ``action`` the
+    refused action and ``allowedFrom`` the statuses that would allow it.
+    """
+
+    code = "invalid_transition"
+    title = "Not allowed in the current status"
+
+    def __init__(
+        self, current: str, action: str, allowed_from: list[str] | None = None
+    ) -> None:
+        allowed = sorted(allowed_from or [])
+        super().__init__(
+            f"cannot {action} a generation that is {current}",
+            currentStatus=current,
+            action=action,
+            allowedFrom=allowed,
+        )
+        self.current = current
+
+
+class CostNotAccepted(Conflict):
+    code = "cost_not_accepted"
+    title = "Accepted cost is below the current estimate"
+
+
+class PayloadTooLarge(NimuError):
+    code = "payload_too_large"
+    status = 413
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(NimuError):
+    code = "unsupported_media_type"
+    status = 415
+    title = "Unsupported media type"
+
+
+class ValidationFailed(NimuError):
+    """One or more fields are invalid.
+
+    ``errors`` lists ``{"path": "$.prompt", "message": ...}`` items, one per
+    bad field, with JSON paths into the request body (or ``$query.name`` for
+    query parameters).
+    """
+
+    code = "validation_failed"
+    status = 422
+    title = "The request is not valid"
+
+    def __init__(
+        self, errors: list[dict[str, str]] | str, detail: str | None = None
+    ) -> None:
+        if isinstance(errors, str):
+            errors = [{"path": "$", "message": errors}]
+        first = errors[0]["message"] if errors else self.title
+        super().__init__(detail or first, errors=errors)
+        self.errors = errors
+
+
+class IdempotencyKeyReused(ValidationFailed):
+    code = "idempotency_key_reused"
+    title = "Idempotency-Key was used with a different request"
+
+
+class RateLimited(NimuError):
+    code = "rate_limited"
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, detail: str | None = None, *, retry_after_s: float) -> None:
+        super().__init__(detail, retryAfterSeconds=max(1, round(retry_after_s)))
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> Mapping[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class Unavailable(NimuError):
+    code = "unavailable"
+    status = 503
+    title = "Service unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    code = "store_unavailable"
+    title = "The database cannot be reached"

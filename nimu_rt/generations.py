@@ -1,0 +1,518 @@
+"""What a user can do with a generation: create, clarify, confirm, cancel, retry.
+
+This is the layer between the routes and the store. Each operation is one
+store transaction that reads the generation with its row locked, asks the
+lifecycle table whether the change is allowed, and writes the change with its
+event. Ownership is checked here too: another user's generation is reported
+as not found, so ids reveal nothing.
+
+Commands that must reach a running job (cancel, the operator's status
+override) go through :class:`JobCommands`, which the job runtime replaces;
+the default applies them to the store directly, which is right for a job
+that no actor owns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Any, Protocol
+
+import msgspec
+
+from nimu_rt import clarifier
+from nimu_rt.api.schemas import (
+    CreateGenerationBody,
+    ErrorBody,
+    check_text,
+    check_token,
+)
+from nimu_rt.auth import Principal
+from nimu_rt.config import Settings
+from nimu_rt.errors import (
+    CostNotAccepted,
+    IdempotencyKeyReused,
+    NotFound,
+    ValidationFailed,
+)
+from nimu_rt.ids import is_id, new_id
+from nimu_rt.lifecycle import Action, Status, action_for, next_status
+from nimu_rt.models import (
+    Clarification,
+    ErrorInfo,
+    Event,
+    Generation,
+    GenerationOptions,
+    utcnow,
+)
+from nimu_rt.store import IdempotencyRecord, Job, Store, Transaction
+from nimu_rt.veo3.pricing import estimate_cost
+
+log = logging.getLogger(__name__)
+
+REFERENCE_PREFIX = "refs/"
+
+
+class JobCommands(Protocol):
+    """Delivers cancel and status overrides to whoever owns a running job."""
+
+    async def cancel(self, generation: Generation) -> Generation: ...
+
+    async def override(
+        self, generation: Generation, status: Status, reason: str | None,
+        error: ErrorInfo | None,
+    ) -> Generation: ...
+
+
+class _RaceLost(Exception):
+    """Another request with the same Idempotency-Key committed first."""
+
+
+class Generations:
+    """The generation operations of the REST API."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.commands: JobCommands = DirectCommands(store)
+
+    # -- reading ---------------------------------------------------------------
+
+    async def get(self, principal: Principal, generation_id: str) -> Generation:
+        """The generation, if ``principal`` may see it; NotFound otherwise."""
+        generation = None
+        if is_id(generation_id):
+            generation = await self.store.get_generation(generation_id)
+        return self._visible(principal, generation, generation_id)
+
+    def _visible(
+        self, principal: Principal, generation: Generation | None, generation_id: str
+    ) -> Generation:
+        if generation is None or not principal.may_access(generation.user_id):
+            raise NotFound(f"no generation {generation_id}")
+        return generation
+
+    async def list(
+        self,
+        principal: Principal,
+        *,
+        statuses: Iterable[Status],
+        before_id: str | None,
+        limit: int,
+    ) -> list[Generation]:
+        return await self.store.list_generations(
+            principal.user_id, statuses=statuses, before_id=before_id, limit=limit
+        )
+
+    async def events(
+        self, principal: Principal, generation_id: str, since_seq: int, limit: int
+    ) -> list[Event]:
+        await self.get(principal, generation_id)
+        return await self.store.events_after(generation_id, since_seq, limit)
+
+    # -- creating --------------------------------------------------------------
+
+    async def create(
+        self,
+        principal: Principal,
+        body: CreateGenerationBody,
+        *,
+        raw_body: bytes,
+        idempotency_key: str | None,
+    ) -> tuple[Generation, bool]:
+        """Create a generation; returns it and whether it was a replay.
+
+        With an ``Idempotency-Key``, a repeated request returns the first
+        generation (in its current state) instead of creating a second one;
+        the same key with a different body is refused.
+        """
+        prompt, options, conversation_id = self._validate_create(principal, body)
+        request_hash = hashlib.sha256(raw_body).hexdigest()
+        if idempotency_key is not None:
+            problems = check_token("$header.Idempotency-Key", idempotency_key)
+            if problems:
+                raise ValidationFailed(problems)
+            replay = await self._replay(principal, idempotency_key, request_hash)
+            if replay is not None:
+                return replay, True
+
+        questions = clarifier.questions_for(
+            prompt, min_words=self.settings.generations.min_prompt_words
+        )
+        now = utcnow()
+        generation = Generation(
+            id=new_id(),
+            user_id=principal.user_id,
+            status=(
+                Status.PENDING_CLARIFICATION
+                if questions
+                else Status.AWAITING_CONFIRMATION
+            ),
+            prompt=prompt,
+            final_prompt=None if questions else prompt,
+            options=options,
+            clarification=Clarification(questions=questions),
+            cost_estimate=estimate_cost(self.settings, options),
+            conversation_id=conversation_id,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            async with self.store.transaction() as tx:
+                generation = await tx.create(generation)
+                if idempotency_key is not None:
+                    record = IdempotencyRecord(
+                        user_id=principal.user_id,
+                        key=idempotency_key,
+                        request_hash=request_hash,
+                        generation_id=generation.id,
+                        created_at=now,
+                    )
+                    if not await tx.insert_idempotency(record):
+                        raise _RaceLost
+        except _RaceLost:
+            replay = await self._replay(principal, idempotency_key or "", request_hash)
+            assert replay is not None  # the winner's row is committed
+            return replay, True
+        log.info(
+            "generation created",
+            extra={
+                "action": "generation.create",
+                "generation_id": generation.id,
+                "user_id": principal.user_id,
+                "status": str(generation.status),
+            },
+        )
+        return generation, False
+
+    async def _replay(
+        self, principal: Principal, key: str, request_hash: str
+    ) -> Generation | None:
+        async with self.store.transaction() as tx:
+            record = await tx.get_idempotency(principal.user_id, key)
+        if record is None:
+            return None
+        if record.request_hash != request_hash:
+            raise IdempotencyKeyReused(
+                [
+                    {
+                        "path": "$header.Idempotency-Key",
+                        "message": "this key was used with a different request body",
+                    }
+                ]
+            )
+        generation = await self.store.get_generation(record.generation_id)
+        return self._visible(principal, generation, record.generation_id)
+
+    def _validate_create(
+        self, principal: Principal, body: CreateGenerationBody
+    ) -> tuple[str, GenerationOptions, str | None]:
+        limits = self.settings.generations
+        problems: list[dict[str, str]] = []
+        prompt, found = check_text(
+            "$.prompt", body.prompt, max_chars=limits.max_prompt_chars
+        )
+        problems += found
+        negative = None
+        if body.negative_prompt is not None:
+            negative, found = check_text(
+                "$.negativePrompt",
+                body.negative_prompt,
+                max_chars=limits.max_prompt_chars,
+            )
+            problems += found
+        conversation_id = body.conversation_id
+        if conversation_id is not None:
+            problems += check_token("$.conversationId", conversation_id)
+        reference = body.reference_image_key
+        if reference is not None:
+            # Keys come from POST /api/storage/uploads, which scopes them to
+            # the caller: refs/{userId}/... A key outside it is someone else's.
+            own = f"{REFERENCE_PREFIX}{principal.user_id}/"
+            if not reference.startswith(own) or check_token("$", reference):
+                problems.append(
+                    {
+                        "path": "$.referenceImageKey",
+                        "message": "must be a key returned by /api/storage/uploads"
+                        " for this user",
+                    }
+                )
+        options = GenerationOptions(
+            model=body.model or limits.default_model,
+            aspect_ratio=body.aspect_ratio or "16:9",
+            resolution=body.resolution or "720p",
+            duration_seconds=body.duration_seconds or 8,
+            negative_prompt=negative or None,
+            generate_audio=True if body.generate_audio is None else body.generate_audio,
+            reference_image_key=reference,
+        )
+        problems += option_problems(self.settings, options)
+        if problems:
+            raise ValidationFailed(problems)
+        return prompt, options, conversation_id
+
+    # -- changing --------------------------------------------------------------
+
+    async def _locked(
+        self, tx: Transaction, principal: Principal, generation_id: str
+    ) -> Generation:
+        generation = None
+        if is_id(generation_id):
+            generation = await tx.lock_generation(generation_id)
+        return self._visible(principal, generation, generation_id)
+
+    async def clarify(
+        self, principal: Principal, generation_id: str, answers: dict[str, str]
+    ) -> Generation:
+        """Merge the answers into ``finalPrompt``; ready for confirmation."""
+        async with self.store.transaction() as tx:
+            generation = await self._locked(tx, principal, generation_id)
+            next_status(generation.status, Action.CLARIFY)
+            questions = generation.clarification.questions
+            cleaned = self._check_answers(questions, answers)
+            final = clarifier.merge(generation.prompt, questions, cleaned)
+            if len(final) > self.settings.generations.max_prompt_chars:
+                raise ValidationFailed(
+                    [
+                        {
+                            "path": "$.answers",
+                            "message": "prompt and answers together exceed"
+                            f" {self.settings.generations.max_prompt_chars}"
+                            " characters",
+                        }
+                    ]
+                )
+            return await tx.change(
+                generation,
+                action=Action.CLARIFY,
+                clarification=Clarification(questions=questions, answers=cleaned),
+                final_prompt=final,
+            )
+
+    def _check_answers(
+        self, questions: list[Any], answers: dict[str, str]
+    ) -> dict[str, str]:
+        asked = {q.id for q in questions}
+        problems = []
+        cleaned = {}
+        for qid, text in answers.items():
+            path = f"$.answers.{qid}"
+            if qid not in asked:
+                problems.append({"path": path, "message": "no such question"})
+                continue
+            value, found = check_text(
+                path, text, max_chars=self.settings.generations.max_answer_chars
+            )
+            problems += found
+            cleaned[qid] = value
+        for qid in sorted(asked - answers.keys()):
+            problems.append(
+                {"path": f"$.answers.{qid}", "message": "this question needs an answer"}
+            )
+        if problems:
+            raise ValidationFailed(problems)
+        return cleaned
+
+    async def confirm(
+        self, principal: Principal, generation_id: str, accepted_cost_usd: float
+    ) -> Generation:
+        """Accept the price and queue the job.
+
+        The estimate is computed again now, from the current price table: a
+        price that rose since the user saw it is refused with 409.
+        """
+        async with self.store.transaction() as tx:
+            generation = await self._locked(tx, principal, generation_id)
+            next_status(generation.status, Action.CONFIRM)
+            estimate = estimate_cost(self.settings, generation.options)
+            if Decimal(str(accepted_cost_usd)) < Decimal(str(estimate.usd)):
+                raise CostNotAccepted(
+                    f"the estimate is {estimate.usd:.2f} USD; accepted"
+                    f" {accepted_cost_usd:.2f} USD",
+                    estimateUsd=estimate.usd,
+                    acceptedCostUsd=accepted_cost_usd,
+                )
+            now = utcnow()
+            job = Job(
+                id=new_id(),
+                generation_id=generation.id,
+                user_id=generation.user_id,
+                available_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            await tx.upsert_job(job)
+            return await tx.change(
+                generation,
+                action=Action.CONFIRM,
+                cost_estimate=estimate,
+                job_id=job.id,
+            )
+
+    async def cancel(self, principal: Principal, generation_id: str) -> Generation:
+        generation = await self.get(principal, generation_id)
+        next_status(generation.status, Action.CANCEL)
+        return await self.commands.cancel(generation)
+
+    async def retry(self, principal: Principal, generation_id: str) -> Generation:
+        """Queue a failed or cancelled generation again, with fresh attempts."""
+        async with self.store.transaction() as tx:
+            generation = await self._locked(tx, principal, generation_id)
+            next_status(generation.status, Action.RETRY)
+            job = await requeue_job(tx, generation)
+            return await tx.change(
+                generation,
+                action=Action.RETRY,
+                job_id=job.id,
+                progress=0,
+                attempts=0,
+                error=None,
+                queue_position=None,
+                estimated_start_at=None,
+            )
+
+    async def override(
+        self,
+        principal: Principal,
+        generation_id: str,
+        status: Status,
+        reason: str | None,
+        error: ErrorBody | None,
+    ) -> Generation:
+        """The operator's status override, validated by the same table."""
+        generation = await self.get(principal, generation_id)
+        action = action_for(generation.status, status)
+        problems: list[dict[str, str]] = []
+        if reason is not None:
+            reason, found = check_text("$.reason", reason, max_chars=500)
+            problems += found
+        info = None
+        if error is not None:
+            if status is not Status.FAILED:
+                problems.append(
+                    {"path": "$.error", "message": "only allowed with status failed"}
+                )
+            message, found = check_text("$.error.message", error.message, max_chars=500)
+            problems += found
+            info = ErrorInfo(code=error.code, message=message, retryable=error.retryable)
+        if problems:
+            raise ValidationFailed(problems)
+        if action is Action.FAIL and info is None:
+            info = ErrorInfo(
+                code="operator_failed",
+                message=reason or "Stopped by an operator.",
+                retryable=True,
+            )
+        log.info(
+            "status override",
+            extra={
+                "action": "generation.override",
+                "generation_id": generation.id,
+                "user_id": principal.user_id,
+                "from_status": str(generation.status),
+                "to_status": str(status),
+            },
+        )
+        return await self.commands.override(generation, status, reason, info)
+
+
+def option_problems(settings: Settings, options: GenerationOptions) -> list[dict[str, str]]:
+    """Combinations the model refuses, found before anything is paid for."""
+    problems = []
+    rows = settings.pricing.get(options.model)
+    if rows is None:
+        known = ", ".join(sorted(settings.pricing))
+        problems.append({"path": "$.model", "message": f"unknown model; known: {known}"})
+    elif options.resolution not in rows:
+        problems.append(
+            {
+                "path": "$.resolution",
+                "message": f"{options.model} does not offer {options.resolution}",
+            }
+        )
+    if options.resolution == "1080p" and options.duration_seconds != 8:
+        problems.append(
+            {"path": "$.durationSeconds", "message": "1080p needs durationSeconds 8"}
+        )
+    if options.reference_image_key and options.duration_seconds != 8:
+        problems.append(
+            {
+                "path": "$.durationSeconds",
+                "message": "image-to-video needs durationSeconds 8",
+            }
+        )
+    return problems
+
+
+async def requeue_job(tx: Transaction, generation: Generation) -> Job:
+    """Put the generation's job (made at confirm) back in the queue."""
+    now = utcnow()
+    job = await tx.get_job(generation.id)
+    if job is None:
+        job = Job(
+            id=new_id(),
+            generation_id=generation.id,
+            user_id=generation.user_id,
+            available_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+    else:
+        job = msgspec.structs.replace(
+            job, state="queued", available_at=now, updated_at=now
+        )
+    await tx.upsert_job(job)
+    return job
+
+
+class DirectCommands:
+    """Apply cancel and overrides to the store; for jobs no actor runs."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def cancel(self, generation: Generation) -> Generation:
+        async with self.store.transaction() as tx:
+            current = await tx.lock_generation(generation.id)
+            assert current is not None
+            await _finish_job(tx, current)
+            return await tx.change(
+                current,
+                action=Action.CANCEL,
+                queue_position=None,
+                estimated_start_at=None,
+            )
+
+    async def override(
+        self,
+        generation: Generation,
+        status: Status,
+        reason: str | None,
+        error: ErrorInfo | None,
+    ) -> Generation:
+        async with self.store.transaction() as tx:
+            current = await tx.lock_generation(generation.id)
+            assert current is not None
+            action = action_for(current.status, status)
+            fields: dict[str, Any] = {}
+            if action in (Action.FAIL, Action.CANCEL):
+                await _finish_job(tx, current)
+                fields.update(queue_position=None, estimated_start_at=None)
+            if action is Action.FAIL:
+                fields["error"] = error
+            if action in (Action.REQUEUE, Action.RETRY) or status is Status.QUEUED:
+                job = await requeue_job(tx, current)
+                fields["job_id"] = job.id
+            extra = {"reason": reason} if reason else None
+            return await tx.change(current, action=action, extra=extra, **fields)
+
+
+async def _finish_job(tx: Transaction, generation: Generation) -> None:
+    job = await tx.get_job(generation.id)
+    if job is not None and job.state != "finished":
+        await tx.upsert_job(
+            msgspec.structs.replace(job, state="finished", updated_at=utcnow())
+        )
+

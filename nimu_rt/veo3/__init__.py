@@ -1,0 +1,1 @@
+"""Veo 3: the client for Google's API, its simulator, and the price table."""
