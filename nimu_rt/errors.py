@@ -21,8 +21,15 @@ see these types::
     ├── ValidationFailed           422 validation_failed
     │   └── IdempotencyKeyReused   422 idempotency_key_reused
     ├── RateLimited                429 rate_limited
-    └── Unavailable                503 unavailable
-        └── StoreUnavailable       503 store_unavailable
+    ├── Unavailable                503 unavailable
+    │   └── StoreUnavailable       503 store_unavailable
+    ├── Veo3Error                  502 veo3_error (from the Veo 3 client)
+    │   ├── Veo3Retryable              429, 5xx, timeouts, resets: try later
+    │   └── Veo3Final                  400, 403, 404, failed operations
+    │       └── SafetyFiltered         blocked by Veo 3's filters; not billed
+    └── StorageError               502 storage_error (from a storage backend)
+        ├── StorageRetryable           transient: try later
+        └── InvalidVideo           422 invalid_video (not a video we accept)
 
 The ``code`` of each class is part of the wire contract: clients branch on it,
 so a code is never renamed. Extra data travels in attributes and is rendered
@@ -214,3 +221,90 @@ class Unavailable(NimuError):
 class StoreUnavailable(Unavailable):
     code = "store_unavailable"
     title = "The database cannot be reached"
+
+
+class Veo3Error(NimuError):
+    """A Veo 3 call failed; ``retryable`` says whether trying later may help.
+
+    ``code`` values are stable and end up in a failed generation's
+    ``error.code``; ``message`` is written for the person who asked for the
+    video.
+    """
+
+    code = "veo3_error"
+    status = 502
+    title = "Video generation service error"
+    retryable: ClassVar[bool] = False
+
+
+class Veo3Retryable(Veo3Error):
+    """Quota (429), server errors (5xx), timeouts and dropped connections.
+
+    ``retry_after_s`` is Veo 3's own hint (RetryInfo or Retry-After) when it
+    gave one.
+    """
+
+    code = "veo3_unavailable"
+    retryable = True
+
+    def __init__(
+        self, detail: str | None = None, *, retry_after_s: float | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+        if code:
+            self.code = code  # type: ignore[misc]
+
+
+class Veo3Final(Veo3Error):
+    """Refusals that will not change on retry: bad request, denied, retired."""
+
+    code = "veo3_failed"
+
+    def __init__(self, detail: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        if code:
+            self.code = code  # type: ignore[misc]
+
+
+class SafetyFiltered(Veo3Final):
+    """Veo 3 blocked the result with its safety filters. Google does not bill it.
+
+    ``reasons`` are Veo 3's own texts, to be shown to the user.
+    """
+
+    code = "veo3_safety_filtered"
+    title = "The video was blocked by safety filters"
+
+    def __init__(self, reasons: list[str], filtered_count: int = 1) -> None:
+        super().__init__(
+            "Veo 3 blocked this video with its safety filters; you were not"
+            " charged. " + " ".join(reasons)
+        )
+        self.reasons = reasons
+        self.filtered_count = filtered_count
+
+
+class StorageError(NimuError):
+    """A storage backend (R2 or local files) failed."""
+
+    code = "storage_error"
+    status = 502
+    title = "Video storage error"
+    retryable: ClassVar[bool] = False
+
+
+class StorageRetryable(StorageError):
+    """A transient storage failure (5xx, timeout, dropped connection)."""
+
+    code = "storage_unavailable"
+    retryable = True
+
+
+class InvalidVideo(StorageError):
+    """The bytes are not a video we accept (by content, or too large)."""
+
+    code = "invalid_video"
+    status = 422
+    title = "Not an accepted video"

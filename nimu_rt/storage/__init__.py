@@ -1,0 +1,1 @@
+"""Video storage: R2 through its S3 API, or local files; uploads and videos."""
