@@ -121,6 +121,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    # Listening now, before the banner: a client that reads the URL and
+    # connects at once waits in the backlog instead of being refused.
+    sock.listen(2048)
     port = sock.getsockname()[1]
     if port != settings.server.port:
         settings = load_settings(

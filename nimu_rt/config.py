@@ -218,6 +218,17 @@ def load_settings(
     if overrides:
         _merge(merged, dict(overrides), origin, "overrides", prefix="")
 
+    # msgspec reports a bad value inside a table as "[...]" without the key,
+    # so the price table's rows are checked one by one first.
+    pricing = merged.get("pricing", {})
+    if isinstance(pricing, Mapping):
+        for model, rows in pricing.items():
+            for resolution, rate in (rows or {}).items():
+                where = f"pricing.{model}.{resolution}"
+                try:
+                    msgspec.convert(rate, Rate, strict=False)
+                except msgspec.ValidationError as exc:
+                    raise ConfigError(_describe(exc, origin, where)) from None
     try:
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -281,11 +292,13 @@ def _parse_env_value(name: str, section: str, key: str, raw: str) -> Any:
 _AT = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
-def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
+def _describe(
+    exc: msgspec.ValidationError, origin: Mapping[str, str], prefix: str = ""
+) -> str:
     match = _AT.match(str(exc))
     assert match is not None  # the pattern matches any string
     problem = match["problem"]
-    path = (match["path"] or "").lstrip(".")
+    path = ".".join(p for p in (prefix, (match["path"] or "").lstrip(".")) if p)
     path = re.sub(r"\[(?:'|\")?([^\]'\"]+)(?:'|\")?\]", r".\1", path).lstrip(".")
     unknown = re.match(r"Object contains unknown field `([^`]+)`", problem)
     if unknown:

@@ -396,7 +396,9 @@ class Generations:
                 )
             message, found = check_text("$.error.message", error.message, max_chars=500)
             problems += found
-            info = ErrorInfo(code=error.code, message=message, retryable=error.retryable)
+            info = ErrorInfo(
+                code=error.code, message=message, retryable=error.retryable
+            )
         if problems:
             raise ValidationFailed(problems)
         if action is Action.FAIL and info is None:
@@ -418,13 +420,17 @@ class Generations:
         return await self.commands.override(generation, status, reason, info)
 
 
-def option_problems(settings: Settings, options: GenerationOptions) -> list[dict[str, str]]:
+def option_problems(
+    settings: Settings, options: GenerationOptions
+) -> list[dict[str, str]]:
     """Combinations the model refuses, found before anything is paid for."""
     problems = []
     rows = settings.pricing.get(options.model)
     if rows is None:
         known = ", ".join(sorted(settings.pricing))
-        problems.append({"path": "$.model", "message": f"unknown model; known: {known}"})
+        problems.append(
+            {"path": "$.model", "message": f"unknown model; known: {known}"}
+        )
     elif options.resolution not in rows:
         problems.append(
             {

@@ -139,7 +139,8 @@ class PostgresStore(Store):
             if exists:
                 rows = await conn.fetch("SELECT version FROM schema_migrations")
                 applied = {r[0] for r in rows}
-        return [m.version for m in load_migrations("postgres") if m.version not in applied]
+        known = load_migrations("postgres")
+        return [m.version for m in known if m.version not in applied]
 
     async def migrate(self) -> list[int]:
         done = []

@@ -143,7 +143,8 @@ class SqliteStore(Store):
 
     async def pending_migrations(self) -> list[int]:
         applied = await self._read(self._applied)
-        return [m.version for m in load_migrations("sqlite") if m.version not in applied]
+        known = load_migrations("sqlite")
+        return [m.version for m in known if m.version not in applied]
 
     async def migrate(self) -> list[int]:
         def apply(conn: sqlite3.Connection) -> list[int]:
