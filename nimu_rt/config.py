@@ -124,6 +124,50 @@ def _default_pricing() -> dict[str, dict[str, Rate]]:
     }
 
 
+class QueueSettings(_Section, kw_only=True):
+    # Veo 3 quotas are per Google Cloud project, so these two limits hold for
+    # the whole cluster, not per instance.
+    max_concurrent_operations: PositiveInt = 10
+    submissions_per_minute: PositiveInt = 50
+    # Jobs one instance runs at once (any phase); operators may change it
+    # per instance at run time.
+    instance_concurrency: PositiveInt = 20
+    # Attempts of one generation before it fails (a user retry starts over).
+    max_attempts: PositiveInt = 3
+    # Wait before a retryable failure is tried again: doubles per attempt,
+    # with jitter, capped.
+    backoff_initial_s: NonNegativeFloat = 5.0
+    backoff_max_s: NonNegativeFloat = 300.0
+    # A running job's lease: renewed every lease_s / 3 by its instance and
+    # taken over by another instance when not renewed in time.
+    lease_s: PositiveFloat = 30.0
+    # An instance whose heartbeat is older than this is considered gone.
+    instance_timeout_s: PositiveFloat = 30.0
+    # The coordinator wakes on events; this is its fallback re-check.
+    tick_s: PositiveFloat = 2.0
+    # How often a non-coordinating instance tries to take over coordination.
+    leader_retry_s: PositiveFloat = 1.0
+    # A phase that runs longer than its deadline is failed (generating) or
+    # retried (submitting, uploading).
+    submitting_deadline_s: PositiveFloat = 120.0
+    generating_deadline_s: PositiveFloat = 900.0
+    uploading_deadline_s: PositiveFloat = 900.0
+    # Stored progress events per job at most this often.
+    progress_interval_s: NonNegativeFloat = 1.0
+    # Queue position events per job at most this often.
+    position_interval_s: NonNegativeFloat = 0.5
+    # Positions are published for this many jobs at the head of the queue.
+    positions_published_max: PositiveInt = 1000
+    # How long a cancel or override waits for the instance running the job.
+    command_timeout_s: PositiveFloat = 5.0
+    # Run time assumed for start-time estimates until jobs have finished.
+    typical_run_s: PositiveFloat = 90.0
+    # Maintenance: terminal generations older than this are removed, with
+    # their events and stored objects. 0 keeps them forever.
+    retention_days: NonNegativeFloat = 30.0
+    maintenance_interval_s: PositiveFloat = 3600.0
+
+
 class LoggingSettings(_Section, kw_only=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
@@ -143,6 +187,7 @@ class Settings(_Section, kw_only=True):
     pricing: dict[str, dict[str, Rate]] = msgspec.field(
         default_factory=_default_pricing
     )
+    queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
 
     @property
