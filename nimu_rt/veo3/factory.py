@@ -24,7 +24,9 @@ class SimulatorClient(GeminiClient):
     audio_switch = True
 
 
-def create_veo3_client(settings: Settings, *, base_url: str | None = None) -> Veo3Client:
+def create_veo3_client(
+    settings: Settings, *, base_url: str | None = None
+) -> Veo3Client:
     """The client for ``veo3.provider``, aimed at ``base_url`` when given.
 
     ``base_url`` wins over ``veo3.base_url``; with provider "simulator" one
@@ -50,7 +52,9 @@ def create_veo3_client(settings: Settings, *, base_url: str | None = None) -> Ve
     if cfg.provider == "gemini":
         if not cfg.api_key:
             raise ConfigError("veo3.api_key: required when veo3.provider is gemini")
-        return GeminiClient(settings, api_key=cfg.api_key, base_url=url or GEMINI_BASE_URL)
+        return GeminiClient(
+            settings, api_key=cfg.api_key, base_url=url or GEMINI_BASE_URL
+        )
     if not cfg.vertex_project:
         raise ConfigError("veo3.vertex_project: required when veo3.provider is vertex")
     tokens: TokenSource

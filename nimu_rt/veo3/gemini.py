@@ -193,7 +193,8 @@ def parse_operation(doc: dict[str, Any], operation_name: str) -> PollResult:
             return Succeeded(
                 name=name,
                 video=VideoRef(
-                    uri=video["uri"], mime_type=str(video.get("encoding") or "video/mp4")
+                    uri=video["uri"],
+                    mime_type=str(video.get("encoding") or "video/mp4"),
                 ),
             )
         inline = decode_inline(video.get("encodedVideo"), video.get("encoding"))

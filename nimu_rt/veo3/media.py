@@ -52,8 +52,9 @@ def render_mp4(width: int, height: int, duration_s: int, audio: bool) -> bytes:
     fd, path = tempfile.mkstemp(suffix=".mp4", prefix="nimu-sim-")
     os.close(fd)
     try:
-        with av.open(path, mode="w", format="mp4",
-                     options={"movflags": "+faststart"}) as container:
+        with av.open(
+            path, mode="w", format="mp4", options={"movflags": "+faststart"}
+        ) as container:
             # Every stream must exist before the first packet is muxed.
             video = container.add_stream(
                 "libx264", rate=FRAME_RATE, options={"preset": "ultrafast"}
@@ -128,9 +129,7 @@ class PaddedVideo:
             self._zeros = padding - 8
         else:
             # Boxes of 4 GiB and more use the 64-bit "largesize" field.
-            header = (1).to_bytes(4, "big") + b"free" + padding.to_bytes(
-                8, "big"
-            )
+            header = (1).to_bytes(4, "big") + b"free" + padding.to_bytes(8, "big")
             self._zeros = padding - 16
         self._head = mp4 + header
         self.size_bytes = len(self._head) + self._zeros

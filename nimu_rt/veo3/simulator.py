@@ -18,8 +18,9 @@ Gemini API::
 
 Vertex AI (``v1`` or ``v1beta1``)::
 
-    POST /v1/projects/{p}/locations/{l}/publishers/google/models/{m}:predictLongRunning
-    POST /v1/projects/{p}/locations/{l}/publishers/google/models/{m}:fetchPredictOperation
+    POST /v1/{model}:predictLongRunning
+    POST /v1/{model}:fetchPredictOperation
+        where {model} is projects/{p}/locations/{l}/publishers/google/models/{m}
     GET  /storage/v1/b/{bucket}/o/{object}?alt=media     (gs:// results)
     POST /_sim/oauth2/token                              (service-account grant)
 
@@ -121,9 +122,17 @@ _JSON_ONLY = {"malformed"}
 _DOWNLOAD_ONLY = {"drop"}
 _MARKER = re.compile(r"\[sim:([a-z0-9]+)(?:=([0-9.]+))?(?:@([a-z]+))?(?:\*(\d+))?\]")
 _GRPC_NAMES = {
-    1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED",
-    5: "NOT_FOUND", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED",
-    9: "FAILED_PRECONDITION", 10: "ABORTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+    1: "CANCELLED",
+    2: "UNKNOWN",
+    3: "INVALID_ARGUMENT",
+    4: "DEADLINE_EXCEEDED",
+    5: "NOT_FOUND",
+    7: "PERMISSION_DENIED",
+    8: "RESOURCE_EXHAUSTED",
+    9: "FAILED_PRECONDITION",
+    10: "ABORTED",
+    13: "INTERNAL",
+    14: "UNAVAILABLE",
 }
 _SAFETY_REASON = (
     "We encountered an issue with the audio for your prompt, which means we"
@@ -132,8 +141,7 @@ _SAFETY_REASON = (
     " again. You have not been charged for this attempt."
 )
 _GEMINI_RESPONSE_TYPE = (
-    "type.googleapis.com/google.ai.generativelanguage.v1beta."
-    "PredictLongRunningResponse"
+    "type.googleapis.com/google.ai.generativelanguage.v1beta.PredictLongRunningResponse"
 )
 _VERTEX_RESPONSE_TYPE = (
     "type.googleapis.com/cloud.ai.large_models.vision.GenerateVideoResponse"
@@ -255,7 +263,9 @@ class Simulator:
             + cfg.fault_drop_rate
         )
         if request_rates > 1:
-            raise ConfigError("simulator: the fault_*_rate settings add up to more than 1")
+            raise ConfigError(
+                "simulator: the fault_*_rate settings add up to more than 1"
+            )
         if cfg.operation_error_rate + cfg.safety_filter_rate > 1:
             raise ConfigError(
                 "simulator: operation_error_rate + safety_filter_rate is more than 1"
@@ -374,7 +384,9 @@ class Simulator:
         op_id = secrets.token_hex(8) if flavour == "gemini" else _uuid()
         now = time.monotonic()
         generation_s = (
-            markers.generation_s if markers.generation_s is not None else cfg.generation_s
+            markers.generation_s
+            if markers.generation_s is not None
+            else cfg.generation_s
         )
         outcome, error_code = self._draw_outcome(markers)
         width, height = frame_size(
@@ -532,8 +544,10 @@ def parse_request(body: object, flavour: str) -> tuple[str, dict[str, Any]]:
     person = raw.get("personGeneration")
     if person is not None:
         allowed = (
-            {"allow_adult"} if has_image else {"allow_all"}
-        ) if flavour == "gemini" else {"allow_adult", "dont_allow", "allow_all"}
+            ({"allow_adult"} if has_image else {"allow_all"})
+            if flavour == "gemini"
+            else {"allow_adult", "dont_allow", "allow_all"}
+        )
         if person not in allowed:
             raise _invalid(f"personGeneration {person!r} is not allowed here.")
     storage = raw.get("storageUri")
@@ -649,7 +663,9 @@ def create_simulator_app(settings: Settings) -> Starlette:
     async def after_fault(fault: str | None, request: Request, doc: object) -> Response:
         """Faults that hit after the work was done (the answer is lost)."""
         if fault == "500":
-            return GoogleError(500, "INTERNAL", "Internal error encountered.").response()
+            return GoogleError(
+                500, "INTERNAL", "Internal error encountered."
+            ).response()
         if fault == "slow":
             await _hold(request, cfg.slow_s)
         encoded = msgspec.json.encode(doc)
@@ -681,8 +697,9 @@ def create_simulator_app(settings: Settings) -> Starlette:
     async def gemini_poll(request: Request) -> Response:
         sim.requests["poll"] += 1
         check_key(request)
-        name = f"models/{request.path_params['model']}/operations/" + (
-            request.path_params["op"]
+        name = (
+            f"models/{request.path_params['model']}/operations/"
+            + (request.path_params["op"])
         )
         op = sim.operations.get(name)
         fault = sim.draw_fault("poll", op.prompt if op else None, json=True)
@@ -764,7 +781,9 @@ def create_simulator_app(settings: Settings) -> Starlette:
 
     async def media(request: Request) -> Response:
         op = sim.files.get(request.path_params["file_id"])
-        if op is None or not sim.signed(op.file_id, request.query_params.get("token", "")):
+        if op is None or not sim.signed(
+            op.file_id, request.query_params.get("token", "")
+        ):
             raise GoogleError(403, "PERMISSION_DENIED", "The signature is not valid.")
         return await serve_video(request, sim.downloadable(op))
 
@@ -900,16 +919,26 @@ def create_simulator_app(settings: Settings) -> Starlette:
     )
     app = Starlette(
         routes=[
-            Route("/v1beta/models/{model:str}:predictLongRunning", gemini_submit,
-                  methods=["POST"]),
-            Route("/v1beta/models/{model:str}/operations/{op:str}", gemini_poll,
-                  methods=["GET"]),
-            Route("/v1beta/files/{file_id:str}:download", gemini_download,
-                  methods=["GET"]),
+            Route(
+                "/v1beta/models/{model:str}:predictLongRunning",
+                gemini_submit,
+                methods=["POST"],
+            ),
+            Route(
+                "/v1beta/models/{model:str}/operations/{op:str}",
+                gemini_poll,
+                methods=["GET"],
+            ),
+            Route(
+                "/v1beta/files/{file_id:str}:download", gemini_download, methods=["GET"]
+            ),
             Route("/_sim/media/{file_id:str}", media, methods=["GET"]),
             Route(vertex_model, vertex_action, methods=["POST"]),
-            Route("/storage/v1/b/{bucket:str}/o/{object:path}", gcs_object,
-                  methods=["GET"]),
+            Route(
+                "/storage/v1/b/{bucket:str}/o/{object:path}",
+                gcs_object,
+                methods=["GET"],
+            ),
             Route("/_sim/oauth2/token", oauth_token, methods=["POST"]),
             Route("/_sim/stats", stats, methods=["GET"]),
             Route("/_sim/reset", reset, methods=["POST"]),
@@ -990,7 +1019,11 @@ class SimulatorServer:
     """
 
     def __init__(
-        self, settings: Settings, *, host: str = "127.0.0.1", port: int = 0,
+        self,
+        settings: Settings,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
         start_timeout_s: float = 10.0,
     ) -> None:
         self.settings = settings
@@ -1076,4 +1109,3 @@ class SimulatorServer:
                 pass
         if sock is not None:
             sock.close()
-

@@ -57,7 +57,7 @@ from nimu_rt.errors import Veo3Error, Veo3Final, Veo3Retryable
 from nimu_rt.models import CostEstimate, GenerationOptions
 from nimu_rt.veo3 import codes
 from nimu_rt.veo3.checks import prompt_problems
-from nimu_rt.veo3.client import VideoRef, Veo3Client
+from nimu_rt.veo3.client import Veo3Client, VideoRef
 from nimu_rt.veo3.pricing import estimate_cost
 
 log = logging.getLogger(__name__)
@@ -206,14 +206,14 @@ class HttpVeo3Client(Veo3Client):
                     if isinstance(doc, dict):
                         return doc
                     error = Veo3Retryable(
-                        f"Veo 3 answered {stage} with a body that is not a JSON"
-                        " object",
+                        f"Veo 3 answered {stage} with a body that is not a JSON object",
                         code=codes.BAD_RESPONSE,
                     )
                     resendable = False
                 else:
-                    error = _http_error(stage, response.status_code, response.headers,
-                                        content)
+                    error = _http_error(
+                        stage, response.status_code, response.headers, content
+                    )
                     resendable = response.status_code in _SUBMIT_RESENDABLE_STATUSES
 
             if not isinstance(error, Veo3Retryable):
@@ -304,9 +304,7 @@ class HttpVeo3Client(Veo3Client):
                             return  # nothing left after offset
                     if not response.is_success:
                         content = await _read_capped(response)
-                        raise _http_error(
-                            "download", status, response.headers, content
-                        )
+                        raise _http_error("download", status, response.headers, content)
                     skip = 0
                     if position and status == 200:
                         skip = position  # Range ignored: the body starts at 0
@@ -380,8 +378,9 @@ def _transport_error(exc: BaseException, stage: Stage) -> tuple[Veo3Retryable, b
         )
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         return (
-            Veo3Retryable(f"Veo 3 did not answer the {stage} in time",
-                          code=codes.TIMEOUT),
+            Veo3Retryable(
+                f"Veo 3 did not answer the {stage} in time", code=codes.TIMEOUT
+            ),
             False,
         )
     return (

@@ -105,7 +105,9 @@ class GoogleAuthToken:
                 credentials, _ = google.auth.default(scopes=[CLOUD_PLATFORM_SCOPE])
         except (OSError, ValueError, google.auth.exceptions.GoogleAuthError) as exc:
             key = "vertex_credentials_file" if path else "vertex_access_token"
-            raise ConfigError(f"veo3.{key}: no usable Vertex AI credentials: {exc}")
+            raise ConfigError(
+                f"veo3.{key}: no usable Vertex AI credentials: {exc}"
+            ) from None
         return cls(credentials, timeout_s=settings.veo3.request_timeout_s)
 
     async def token(self) -> str:
@@ -199,9 +201,7 @@ class VertexClient(HttpVeo3Client):
             typical_generation_s=typical_generation_s,
         )
         self._tokens = tokens
-        self._prefix = (
-            f"{self.base_url}/{quote(cfg.vertex_api_version, safe='')}"
-        )
+        self._prefix = f"{self.base_url}/{quote(cfg.vertex_api_version, safe='')}"
 
     async def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {await self._tokens.token()}"}
@@ -253,8 +253,7 @@ class VertexClient(HttpVeo3Client):
         doc = await self._call_json(
             "submit",
             "POST",
-            f"{self._prefix}/{self._model_resource(options.model)}"
-            ":predictLongRunning",
+            f"{self._prefix}/{self._model_resource(options.model)}:predictLongRunning",
             body=body,
         )
         name = doc.get("name")

@@ -216,7 +216,7 @@ async def test_connection_refused_is_resent_then_retryable(
     assert retries(retry_log, "submit") == 3
 
 
-# -- faults on poll ----------------------------------------------------------------------
+# -- faults on poll ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fault", ["429", "500", "503", "malformed", "slow"])
@@ -243,7 +243,7 @@ async def test_poll_gives_up_after_its_attempts(sim: SimEnv) -> None:
     assert (await sim.stats())["requests"]["poll"] == 4
 
 
-# -- seeded random faults -------------------------------------------------------------------
+# -- seeded random faults --------------------------------------------------------
 
 
 async def test_seeded_random_faults_replay_identically(
