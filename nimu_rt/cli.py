@@ -221,6 +221,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_veo3_sim(args: argparse.Namespace) -> int:
+    """Serve the Veo 3 simulator until interrupted (Ctrl+C)."""
     from nimu_rt.veo3.simulator import SimulatorServer
 
     settings = load_settings()

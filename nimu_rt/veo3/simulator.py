@@ -168,6 +168,7 @@ class GoogleError(Exception):
         self.headers = headers or {}
 
     def response(self) -> Response:
+        """The error as Google writes it: ``{"error": {code, message, ...}}``."""
         error: dict[str, Any] = {
             "code": self.http_status,
             "message": self.message,
@@ -284,6 +285,7 @@ class Simulator:
         self._marker_hits: Counter[tuple[str, str, str]] = Counter()
 
     def reset(self) -> None:
+        """Forget operations, files and every count (the seed goes on)."""
         self.operations.clear()
         self.files.clear()
         self.objects.clear()
@@ -293,6 +295,7 @@ class Simulator:
         self._marker_hits.clear()
 
     def stats(self) -> dict[str, Any]:
+        """What the admin route shows: submissions, requests, faults."""
         return {
             "submissions": {
                 "total": sum(self.submissions.values()),
@@ -354,6 +357,7 @@ class Simulator:
     # -- operations ----------------------------------------------------------------
 
     def check_model(self, model: str, flavour: str) -> None:
+        """404 as Google words it for a retired or an unknown model."""
         if model in self.retired:
             raise GoogleError(
                 404,
@@ -450,6 +454,7 @@ class Simulator:
         return PaddedVideo(mp4, operation.markers.size_bytes)
 
     def downloadable(self, operation: Operation | None) -> Operation:
+        """``operation`` if its video can be downloaded now, else 404."""
         if (
             operation is None
             or operation.outcome != "video"
@@ -463,9 +468,11 @@ class Simulator:
     # -- signed media URLs ----------------------------------------------------------
 
     def sign(self, file_id: str) -> str:
+        """The token of the redirect URL for ``file_id``."""
         return hmac.new(self._secret, file_id.encode(), hashlib.sha256).hexdigest()[:32]
 
     def signed(self, file_id: str, token: str) -> bool:
+        """Whether ``token`` was made by :meth:`sign` for ``file_id``."""
         return hmac.compare_digest(self.sign(file_id), token)
 
 
@@ -1038,6 +1045,7 @@ class SimulatorServer:
 
     @property
     def simulator(self) -> Simulator:
+        """The served simulator's state (counts, operations)."""
         return self.app.state.simulator  # type: ignore[no-any-return]
 
     async def start(self) -> str:

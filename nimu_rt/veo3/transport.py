@@ -284,8 +284,13 @@ class HttpVeo3Client(Veo3Client):
 
         position = offset
         failures = 0
+        # Bytes received but not yet yielded: at most one chunk plus one read.
+        # Kept across a failure so that a dropped transfer resumes after the
+        # last byte that arrived, not the last full chunk.
+        pending = bytearray()
         while True:
             total: int | None = None
+            error: Veo3Error | None = None
             try:
                 headers = await self._auth_headers() if with_credentials else {}
                 if position:
@@ -316,23 +321,33 @@ class HttpVeo3Client(Veo3Client):
                                 f" {response.headers.get('content-range')!r}",
                                 code=codes.BAD_RESPONSE,
                             )
-                    expected = _expected_end(response, position)
-                    async for chunk in response.aiter_bytes(chunk_bytes):
+                    total = _expected_end(response, position)
+                    async for data in response.aiter_bytes():
                         if skip:
-                            if len(chunk) <= skip:
-                                skip -= len(chunk)
+                            if len(data) <= skip:
+                                skip -= len(data)
                                 continue
-                            chunk = chunk[skip:]
+                            data = data[skip:]
                             skip = 0
-                        position += len(chunk)
-                        failures = 0
-                        yield chunk
-                    total = expected
+                        pending += data
+                        while len(pending) >= chunk_bytes:
+                            chunk = bytes(pending[:chunk_bytes])
+                            del pending[:chunk_bytes]
+                            position += len(chunk)
+                            failures = 0
+                            yield chunk
             except (httpx.HTTPError, TimeoutError) as exc:
-                error: Veo3Error = _transport_error(exc, "download")[0]
+                error = _transport_error(exc, "download")[0]
             except Veo3Error as exc:
                 error = exc
-            else:
+
+            if pending:
+                chunk = bytes(pending)
+                pending.clear()
+                position += len(chunk)
+                failures = 0
+                yield chunk
+            if error is None:
                 if total is None or position >= total:
                     return
                 error = Veo3Retryable(

@@ -53,7 +53,9 @@ def vertex_base_url(location: str) -> str:
 class TokenSource(Protocol):
     """Gives a currently valid OAuth access token."""
 
-    async def token(self) -> str: ...
+    async def token(self) -> str:
+        """A token valid for at least the next request."""
+        ...
 
 
 class StaticToken:
@@ -63,6 +65,7 @@ class StaticToken:
         self._token = token
 
     async def token(self) -> str:
+        """The configured token, as it is."""
         return self._token
 
 
@@ -111,6 +114,11 @@ class GoogleAuthToken:
         return cls(credentials, timeout_s=settings.veo3.request_timeout_s)
 
     async def token(self) -> str:
+        """The current token, refreshed first when (nearly) expired.
+
+        Raises Veo3Retryable when Google's token endpoint cannot be reached
+        and Veo3Final when it refuses the credentials.
+        """
         async with self._lock:
             if not self._credentials.valid:
                 await asyncio.to_thread(self._refresh)
