@@ -18,7 +18,6 @@ from tests.veo3.conftest import (
     options,
     probe,
     read_all,
-    retries,
     wait_done,
 )
 
