@@ -207,7 +207,10 @@ def parse_markers(prompt: str) -> Markers:
         name, value, stage, count = match.groups()
         if name in FAULTS:
             stage = stage or ("download" if name in _DOWNLOAD_ONLY else "submit")
-            if stage not in STAGES or value is not None:
+            misplaced = (name in _JSON_ONLY and stage == "download") or (
+                name in _DOWNLOAD_ONLY and stage != "download"
+            )
+            if stage not in STAGES or value is not None or misplaced:
                 raise _invalid(f"bad simulator marker {match[0]}")
             markers.faults[(name, stage)] = int(count or 1)
         elif stage is not None or count is not None:
@@ -442,8 +445,11 @@ class Simulator:
             if op.ready_s < horizon:
                 del self.objects[key]
 
-    async def video(self, operation: Operation) -> PaddedVideo:
-        """The operation's video; encoded in a thread on first use, cached."""
+    async def video(self, operation: Operation, *, padded: bool = True) -> PaddedVideo:
+        """The operation's video; encoded in a thread on first use, cached.
+
+        ``padded`` grows it to the size a ``[sim:bytes=N]`` marker asks for.
+        """
         mp4 = await asyncio.to_thread(
             render_mp4,
             operation.width,
@@ -451,7 +457,7 @@ class Simulator:
             operation.duration_s,
             operation.audio,
         )
-        return PaddedVideo(mp4, operation.markers.size_bytes)
+        return PaddedVideo(mp4, operation.markers.size_bytes if padded else None)
 
     def downloadable(self, operation: Operation | None) -> Operation:
         """``operation`` if its video can be downloaded now, else 404."""
@@ -761,8 +767,9 @@ def create_simulator_app(settings: Settings) -> Starlette:
                         }
                     )
             else:
-                video = await sim.video(op)
-                # Inline answers are small by nature; padding is ignored.
+                # Inline answers carry the plain MP4: [sim:bytes] is for
+                # downloads, and would put the whole padding in memory here.
+                video = await sim.video(op, padded=False)
                 data = b"".join(video.iter_range(0, video.size_bytes))
                 encoded = base64.b64encode(data).decode("ascii")
                 videos = [

@@ -70,6 +70,7 @@ async def test_submission_counts_per_prompt_and_reset(sim: SimEnv) -> None:
         (body(sampleCount=2), "sampleCount"),
         (body(storageUri="gs://b/"), "storageUri"),
         (body(PROMPT + " [sim:explode]"), "unknown simulator marker"),
+        (body(PROMPT + " [sim:drop@submit]"), "bad simulator marker"),
     ],
 )
 async def test_invalid_requests_get_google_400(
