@@ -34,6 +34,9 @@ from nimu_rt.errors import (
 from nimu_rt.generations import Generations
 from nimu_rt.models import encode
 from nimu_rt.store import Store, create_store
+from nimu_rt.veo3.client import Veo3Client
+from nimu_rt.veo3.factory import create_veo3_client
+from nimu_rt.veo3.simulator import SimulatorServer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,32 @@ class Services:
         self.auth = TokenAuthority(settings, signing_secret(settings))
         self.generations = Generations(settings, self.store)
         self.started_monotonic = time.monotonic()
+        # Made in start(): the simulator's address is known once it listens.
+        self.simulator: SimulatorServer | None = None
+        self._veo3: Veo3Client | None = None
         self._started = False
+
+    @property
+    def veo3(self) -> Veo3Client:
+        """The Veo 3 client (aimed at the simulator in the embedded default)."""
+        if self._veo3 is None:
+            raise RuntimeError("Services.start() has not run")
+        return self._veo3
+
+    async def _start_veo3(self) -> None:
+        if self.settings.veo3.provider == "simulator":
+            self.simulator = SimulatorServer(self.settings)
+            base_url = await self.simulator.start()
+            self._veo3 = create_veo3_client(self.settings, base_url=base_url)
+        else:
+            self._veo3 = create_veo3_client(self.settings)
+
+    async def _stop_veo3(self) -> None:
+        client, self._veo3 = self._veo3, None
+        if client is not None:
+            await client.aclose()
+        if self.simulator is not None:
+            await self.simulator.stop()
 
     async def start(self) -> None:
         """Open the store and start background work; a second call does nothing."""
@@ -75,6 +103,12 @@ class Services:
                     f"database: schema migrations {pending} are not applied;"
                     " run `nimu-rt migrate` (the Procfile's release step)"
                 )
+        try:
+            await self._start_veo3()
+        except BaseException:
+            await self._stop_veo3()
+            await self.store.close()
+            raise
         self.started_monotonic = time.monotonic()
         self._started = True
         log.info(
@@ -89,6 +123,7 @@ class Services:
         if not self._started:
             return
         self._started = False
+        await self._stop_veo3()
         await self.store.close()
         log.info(
             "instance %s stopped",

@@ -1,4 +1,4 @@
-"""The ``nimu-rt`` command: serve, migrate, token.
+"""The ``nimu-rt`` command: serve, migrate, token, veo3-sim.
 
 Every subcommand reads the same settings (see :mod:`nimu_rt.config`). A bad
 setting ends the command with one line on stderr naming the key, and exit
@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="lifetime (default: auth.dev_token_ttl_s)",
     )
     token.set_defaults(handler=cmd_token)
+
+    sim = commands.add_parser(
+        "veo3-sim",
+        help="run the Veo 3 simulator alone",
+        description="Serve the built-in Veo 3 simulator: Google's Gemini and"
+        " Vertex wire formats, real MP4s, prompt markers such as [sim:safety]"
+        " and the [simulator] settings' fault injection. See the README's"
+        " 'Veo 3 simulator' section for a curl session.",
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind")
+    sim.add_argument(
+        "--port", type=int, default=8090, help="port to bind (0 picks a free one)"
+    )
+    sim.set_defaults(handler=cmd_veo3_sim)
     return parser
 
 
@@ -206,6 +220,32 @@ def cmd_token(args: argparse.Namespace) -> int:
     principal_from_claims({"sub": args.user, "role": args.role})
     authority = TokenAuthority(settings, signing_secret(settings))
     print(authority.issue(args.user, role=args.role, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_veo3_sim(args: argparse.Namespace) -> int:
+    """Serve the Veo 3 simulator until interrupted (Ctrl+C)."""
+    from nimu_rt.veo3.simulator import SimulatorServer
+
+    settings = load_settings()
+    logs.configure(settings.logging)
+
+    async def run() -> None:
+        server = SimulatorServer(settings, host=args.host, port=args.port)
+        try:
+            base_url = await server.start()
+        except OSError as exc:
+            raise NimuError(
+                f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+            ) from None
+        print(f"Veo 3 simulator on {base_url} (stats: {base_url}/_sim/stats)",
+              flush=True)
+        try:
+            await server.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(run())
     return 0
 
 

@@ -69,6 +69,9 @@ class Veo3Client(abc.ABC):
     """One Veo 3 provider, reached over HTTP with timeouts and retries."""
 
     provider: str
+    # Seconds a generation usually takes on this provider, for progress
+    # estimates: Veo 3 reports no percentage.
+    typical_generation_s: float
 
     @abc.abstractmethod
     async def generate_video(
