@@ -95,6 +95,14 @@ class _Done(Exception):
     """The pipeline has already written how the job ended."""
 
 
+class _OperationEnded(Exception):
+    """Veo 3 ended the operation without a video (not billed)."""
+
+    def __init__(self, error: Veo3Error) -> None:
+        super().__init__(error.detail)
+        self.error = error
+
+
 class _PhaseDeadline(Exception):
     def __init__(self, phase: str) -> None:
         super().__init__(phase)
@@ -256,6 +264,13 @@ class JobActor:
             return
         except _PhaseDeadline as exc:
             await self._on_deadline(exc.phase)
+        except _OperationEnded as ended:
+            # Google does not bill a failed operation; a transient one is
+            # tried again with a new submission.
+            if ended.error.retryable:
+                await self._retry_later(ended.error, new_operation=True)
+            else:
+                await self._fail(error_info(ended.error))
         except (Veo3Retryable, StorageError) as exc:
             if isinstance(exc, StorageError) and not exc.retryable:
                 await self._fail(error_info(exc))
@@ -345,7 +360,7 @@ class JobActor:
         """Poll until the operation ends; report estimated progress meanwhile."""
         assert job.operation_name is not None
         queue = self.ctx.settings.queue
-        typical_s = typical_generation_s(self.ctx.settings)
+        typical_s = self.ctx.veo3.typical_generation_s
         started = job.operation_started_at or utcnow()
         self._progress.reset(generation.progress)
         polls = 0
@@ -364,7 +379,7 @@ class JobActor:
                         case Succeeded(video=video):
                             break
                         case Failed(error=error):
-                            raise error
+                            raise _OperationEnded(error)
         except TimeoutError:
             raise _PhaseDeadline("generating") from None
         await self._progress.flush()
@@ -408,14 +423,14 @@ class JobActor:
             case Succeeded(video=video):
                 return video
             case Failed(error=error):
-                raise error
+                raise _OperationEnded(error)
             case _:
                 raise Veo3Retryable("the operation is not finished yet")
 
     async def _upload(self, job: Job, generation: Generation, video: VideoRef) -> None:
         queue = self.ctx.settings.queue
         key = video_key(generation)
-        total = await _video_size(self.ctx.veo3, video)
+        total = await self.ctx.veo3.video_size(video)
         self._progress.reset(generation.progress)
 
         async def save_state(state: UploadState) -> None:
@@ -495,7 +510,7 @@ class JobActor:
         log.info("job failed: %s", info.code, extra={"action": "job.failed",
                                                      **self._log_ids})
 
-    async def _retry_later(self, exc: NimuError) -> None:
+    async def _retry_later(self, exc: NimuError, new_operation: bool = False) -> None:
         info = error_info(exc)
         queue = self.ctx.settings.queue
         async with self._fenced() as (tx, job, generation):
@@ -529,10 +544,18 @@ class JobActor:
                     lease_owner=None,
                     lease_expires_at=None,
                     # A submit that failed before acceptance certainly was
-                    # not accepted; the next attempt may submit.
+                    # not accepted, and a failed operation is over: either
+                    # way the next attempt submits anew.
                     submit_started_at=(
-                        job.submit_started_at if job.operation_name else None
+                        None
+                        if new_operation or not job.operation_name
+                        else job.submit_started_at
                     ),
+                    operation_name=None if new_operation else job.operation_name,
+                    operation_started_at=(
+                        None if new_operation else job.operation_started_at
+                    ),
+                    upload=None if new_operation else job.upload,
                     run_seconds=job.run_seconds + max(ran, 0.0),
                 )
             )
@@ -666,24 +689,6 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 def video_key(generation: Generation) -> str:
     return f"videos/{generation.user_id}/{generation.id}.mp4"
-
-
-def typical_generation_s(settings: Settings) -> float:
-    """How long the model usually takes, for the progress estimate."""
-    veo3 = getattr(settings, "veo3", None)
-    return float(getattr(veo3, "typical_generation_s", 60.0))
-
-
-async def _video_size(veo3: Veo3Client, video: VideoRef) -> int | None:
-    if video.data is not None:
-        return len(video.data)
-    size = getattr(veo3, "video_size", None)
-    if size is None:
-        return None
-    try:
-        return await size(video)
-    except Veo3Error:
-        return None
 
 
 def backoff_s(

@@ -44,7 +44,9 @@ from nimu_rt.store.base import Instance, Job, Store
 
 log = logging.getLogger(__name__)
 
+# Names in the queue_controls table.
 PAUSED = "paused"
+COORDINATOR = "coordinator"
 RATE_WINDOW = dt.timedelta(minutes=1)
 # Phases that hold a Veo 3 operation (uploading only downloads the result).
 OPERATION_PHASES = frozenset({"submitting", "generating"})
@@ -82,6 +84,8 @@ class QueueCoordinator:
     async def run(self, lost: asyncio.Event) -> None:
         """Coordinate until cancelled or until leadership is ``lost``."""
         queue = self.settings.queue
+        async with self.store.transaction() as tx:
+            await queries.set_control(tx, COORDINATOR, self.instance_id)
         # A new coordinator does not know what its predecessor dispatched in
         # the last minute; the table does.
         self._recent = collections.deque(

@@ -99,6 +99,13 @@ class Veo3Client(abc.ABC):
         inline). Resuming from ``offset`` uses an HTTP Range request.
         """
 
+    async def video_size(self, video: VideoRef) -> int | None:
+        """The video's size in bytes when the provider tells it cheaply.
+
+        Used only to report upload progress; None when unknown.
+        """
+        return len(video.data) if video.data is not None else None
+
     @abc.abstractmethod
     def validate_prompt(self, prompt: str, options: GenerationOptions) -> list[str]:
         """Problems Veo 3 would refuse the request for; empty when none."""

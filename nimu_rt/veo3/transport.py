@@ -257,6 +257,36 @@ class HttpVeo3Client(Veo3Client):
 
     # -- downloads -----------------------------------------------------------------
 
+    async def video_size(self, video: VideoRef) -> int | None:
+        """Ask for the first byte only; the Content-Range says the total.
+
+        One cheap request, not retried: the size only feeds progress, so a
+        failure means "unknown", never an error.
+        """
+        if video.data is not None:
+            return len(video.data)
+        if not video.uri:
+            return None
+        url, with_credentials = self._download_request(video.uri)
+        try:
+            headers = await self._auth_headers() if with_credentials else {}
+            headers["Range"] = "bytes=0-0"
+            async with self._http.stream(
+                "GET",
+                url,
+                headers=headers,
+                timeout=self._download_timeout,
+                follow_redirects=True,
+            ) as response:
+                if response.status_code == 206:
+                    return _complete_length(response.headers.get("content-range"))
+                if response.status_code == 200:
+                    length = response.headers.get("content-length")
+                    return int(length) if length and length.isdigit() else None
+        except (httpx.HTTPError, TimeoutError, Veo3Error):
+            pass
+        return None
+
     async def download(
         self, video: VideoRef, *, offset: int = 0
     ) -> AsyncIterator[bytes]:
