@@ -31,6 +31,7 @@ from nimu_rt.errors import (
     NimuError,
     NotFound,
 )
+from nimu_rt.events.hub import Hub
 from nimu_rt.generations import Generations
 from nimu_rt.models import encode
 from nimu_rt.store import Store, create_store
@@ -54,6 +55,11 @@ class Services:
         self.instance_id = settings.server.instance_id or default_instance_id()
         self.auth = TokenAuthority(settings, signing_secret(settings))
         self.generations = Generations(settings, self.store)
+        # Real-time fan-out: every committed event of this instance reaches
+        # the hub; with PostgreSQL the bridge brings the other instances'.
+        self.hub = Hub()
+        self.store.add_listener(self.hub.publish_events)
+        self.bridge: Any = None
         self.started_monotonic = time.monotonic()
         # Made in start(): the simulator's address is known once it listens.
         self.simulator: SimulatorServer | None = None
@@ -105,7 +111,16 @@ class Services:
                 )
         try:
             await self._start_veo3()
+            if self.store.kind == "postgres":
+                from nimu_rt.events.bridge import PostgresBridge
+
+                self.bridge = PostgresBridge(
+                    self.store, self.hub, self.settings.realtime  # type: ignore[arg-type]
+                )
+                await self.bridge.start()
         except BaseException:
+            if self.bridge is not None:
+                await self.bridge.close()
             await self._stop_veo3()
             await self.store.close()
             raise
@@ -123,6 +138,9 @@ class Services:
         if not self._started:
             return
         self._started = False
+        self.hub.close()
+        if self.bridge is not None:
+            await self.bridge.close()
         await self._stop_veo3()
         await self.store.close()
         log.info(

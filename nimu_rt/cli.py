@@ -119,6 +119,7 @@ def _settings_for_serve(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from nimu_rt.api.ws import uvicorn_options
     from nimu_rt.app import Services, create_app
 
     settings = _settings_for_serve(args)
@@ -157,6 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 access_log=False,
                 timeout_graceful_shutdown=int(settings.server.shutdown_grace_s),
                 proxy_headers=True,
+                **uvicorn_options(settings),
             )
             _print_banner(settings, services)
             await uvicorn.Server(config).serve(sockets=[sock])

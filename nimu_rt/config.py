@@ -271,6 +271,51 @@ class LoggingSettings(_Section, kw_only=True):
     format: Literal["json", "text"] = "text"
 
 
+class RealtimeSettings(_Section, kw_only=True):
+    # Seconds a /ws connection opened without an Authorization header has to
+    # send its auth message before it is closed (4408).
+    auth_deadline_s: PositiveFloat = 10.0
+    # WebSocket protocol pings sent by the server, and how long it waits for
+    # the pong before it drops the connection (proxies cut idle sockets).
+    ping_interval_s: PositiveFloat = 20.0
+    ping_timeout_s: PositiveFloat = 20.0
+    # Largest client message answered normally; a larger one gets an error
+    # frame. Messages over 16 times this are refused by the WebSocket layer
+    # itself (close code 1009), before they are read into memory.
+    max_message_bytes: Annotated[int, Meta(ge=256)] = 4096
+    # Topics one connection may subscribe to at once.
+    max_subscriptions: PositiveInt = 100
+    # Frames queued for one connection before it counts as too slow and is
+    # closed with 4008 (progress and queue updates coalesce and do not pile
+    # up). Must be larger than history_replay_limit.
+    subscriber_buffer_frames: Annotated[int, Meta(ge=2)] = 512
+    # Longest one frame may take to reach the socket; a slower client is
+    # closed with 4008.
+    send_timeout_s: PositiveFloat = 20.0
+    # Browser origins allowed to open /ws besides the service's own; "*"
+    # allows any. Clients that send no Origin (not browsers) are allowed.
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    # Cap on GET /api/generations/{id}?waitSeconds=N (long-polling).
+    longpoll_max_wait_s: PositiveFloat = 25.0
+    # Most events replayed to a resuming subscriber; further behind it gets
+    # a reset with a fresh snapshot instead of a partial replay.
+    history_replay_limit: PositiveInt = 300
+    # Generations in the snapshot of a user:{id} topic, newest first.
+    user_snapshot_size: Annotated[int, Meta(ge=1, le=1000)] = 20
+    # PostgreSQL only: how often the LISTEN connection is checked, and the
+    # longest pause between attempts to open it again after it dropped.
+    bridge_check_interval_s: PositiveFloat = 5.0
+    bridge_retry_max_s: PositiveFloat = 5.0
+
+    def __post_init__(self) -> None:
+        # A full replay must fit in a connection's buffer, or a client that
+        # resumes far behind would be cut off, resume, and be cut off again.
+        if self.history_replay_limit >= self.subscriber_buffer_frames:
+            raise ValueError(
+                "history_replay_limit must be below subscriber_buffer_frames"
+            )
+
+
 class Settings(_Section, kw_only=True):
     """Every setting of the service, grouped by the part that reads it."""
 
@@ -289,6 +334,7 @@ class Settings(_Section, kw_only=True):
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     veo3: Veo3Settings = msgspec.field(default_factory=Veo3Settings)
     simulator: SimulatorSettings = msgspec.field(default_factory=SimulatorSettings)
+    realtime: RealtimeSettings = msgspec.field(default_factory=RealtimeSettings)
 
     @property
     def data_path(self) -> Path:

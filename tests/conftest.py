@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from nimu_rt.api.ws import uvicorn_options
 from nimu_rt.app import Services, create_app
 from nimu_rt.config import Settings
 from nimu_rt.store import Store, create_store
@@ -155,7 +156,7 @@ async def api_factory(
         settings = settings_factory(overrides)
         services = Services(settings)
         app = create_app(settings, services=services)
-        server = serve(app)
+        server = serve(app, **uvicorn_options(settings))
         base_url = await server.__aenter__()
         stack.append(server)
         client = httpx.AsyncClient(base_url=base_url, timeout=WAIT_S)

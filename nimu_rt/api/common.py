@@ -110,6 +110,29 @@ def query_int(
     return value
 
 
+def query_float(
+    request: Request, name: str, *, minimum: float, maximum: float
+) -> float | None:
+    """A numeric query value within bounds, or None when it is absent."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = None
+    if value is None or not minimum <= value <= maximum:
+        raise ValidationFailed(
+            [
+                {
+                    "path": f"$query.{name}",
+                    "message": f"must be a number from {minimum:g} to {maximum:g}",
+                }
+            ]
+        )
+    return value
+
+
 def encode_cursor(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 

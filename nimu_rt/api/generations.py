@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -11,6 +13,7 @@ from nimu_rt.api.common import (
     encode_cursor,
     json_response,
     principal,
+    query_float,
     query_int,
     read_body,
     services,
@@ -24,6 +27,11 @@ from nimu_rt.api.schemas import (
 from nimu_rt.errors import ValidationFailed
 from nimu_rt.lifecycle import Status
 from nimu_rt.models import Generation, Page
+
+
+# Largest waitSeconds accepted at all; longer waits are cut to the
+# configured cap rather than refused.
+LONGPOLL_MAX_QUERY_S = 3600.0
 
 
 def etag(generation: Generation) -> str:
@@ -86,13 +94,69 @@ async def list_generations(request: Request) -> Response:
 
 
 async def get(request: Request) -> Response:
+    """The snapshot; 304 for a matching If-None-Match; long-polls on request.
+
+    ``?waitSeconds=N&sinceSeq=S`` answers as soon as the generation's seq
+    differs from S (at once if it already does), or 304 when N seconds
+    (capped by ``realtime.longpoll_max_wait_s``) pass without a change.
+    Without sinceSeq, the seq of an ``If-None-Match`` ETag is used.
+    """
     caller = principal(request)
-    generation = await services(request).generations.get(
-        caller, request.path_params["id"]
+    svc = services(request)
+    generation_id = request.path_params["id"]
+    wait_s = query_float(
+        request, "waitSeconds", minimum=0, maximum=LONGPOLL_MAX_QUERY_S
     )
-    if request.headers.get("if-none-match") == etag(generation):
-        return Response(status_code=304, headers={"ETag": etag(generation)})
-    return snapshot_response(generation)
+    if_none_match = request.headers.get("if-none-match")
+    if wait_s is None:
+        generation = await svc.generations.get(caller, generation_id)
+        if if_none_match == etag(generation):
+            return not_modified(generation)
+        return snapshot_response(generation)
+    since = query_int(request, "sinceSeq", -1, minimum=0, maximum=2**62)
+    if since < 0:
+        since = seq_of_etag(if_none_match)
+    if since is None:
+        raise ValidationFailed(
+            [
+                {
+                    "path": "$query.sinceSeq",
+                    "message": "needed with waitSeconds (or send If-None-Match)",
+                }
+            ]
+        )
+    wait_s = min(wait_s, svc.settings.realtime.longpoll_max_wait_s)
+    deadline = asyncio.get_running_loop().time() + wait_s
+    with svc.hub.watch(generation_id) as changed:
+        while True:
+            # Cleared before the read: a change committed after the read
+            # sets it again, so the wait below cannot miss it.
+            changed.clear()
+            generation = await svc.generations.get(caller, generation_id)
+            if generation.seq != since:
+                return snapshot_response(generation)
+            remaining_s = deadline - asyncio.get_running_loop().time()
+            if remaining_s <= 0 or svc.hub.closed:
+                return not_modified(generation)
+            try:
+                async with asyncio.timeout(remaining_s):
+                    await changed.wait()
+            except TimeoutError:
+                return not_modified(generation)
+
+
+def not_modified(generation: Generation) -> Response:
+    return Response(status_code=304, headers={"ETag": etag(generation)})
+
+
+def seq_of_etag(value: str | None) -> int | None:
+    """The seq in one of our ETags (``"12"`` or ``W/"12"``), else None."""
+    if value is None:
+        return None
+    text = value.strip().removeprefix("W/")
+    if len(text) >= 3 and text[0] == text[-1] == '"' and text[1:-1].isdigit():
+        return int(text[1:-1])
+    return None
 
 
 async def events(request: Request) -> Response:

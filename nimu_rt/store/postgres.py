@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -49,6 +49,8 @@ _UNAVAILABLE = (
 )
 _MIGRATION_LOCK = 0x6E696D75  # "nimu": serialises concurrent `nimu-rt migrate`
 
+Notifier = Callable[[Event], tuple[str, str]]
+
 
 @asynccontextmanager
 async def translate_errors() -> AsyncIterator[None]:
@@ -80,6 +82,17 @@ class PostgresStore(Store):
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self._pool: asyncpg.Pool | None = None
+        # Set by the event bridge: the (channel, payload) to NOTIFY for each
+        # event, sent in the transaction that writes it.
+        self.notifier: Notifier | None = None
+
+    @property
+    def connect_timeout_s(self) -> float:
+        return self._connect_timeout_s
+
+    @property
+    def command_timeout_s(self) -> float:
+        return self._command_timeout_s
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -171,7 +184,7 @@ class PostgresStore(Store):
     async def _begin(self) -> AsyncIterator[PostgresTransaction]:
         async with translate_errors(), self.pool.acquire() as conn:
             async with conn.transaction():
-                yield PostgresTransaction(conn)
+                yield PostgresTransaction(conn, self.notifier)
 
     # -- reads -------------------------------------------------------------------
 
@@ -242,9 +255,12 @@ class PostgresStore(Store):
 
 
 class PostgresTransaction(Transaction):
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, notifier: Notifier | None = None
+    ) -> None:
         super().__init__()
         self.conn = conn
+        self._notifier = notifier
 
     async def lock_generation(self, generation_id: str) -> Generation | None:
         doc = await self.conn.fetchval(
@@ -271,14 +287,25 @@ class PostgresTransaction(Transaction):
         return result == "UPDATE 1"
 
     async def _insert_event(self, event: Event) -> None:
-        await self.conn.execute(
+        insert = (
             "INSERT INTO generation_events (generation_id, seq, type, data, at)"
-            " VALUES ($1, $2, $3, $4::jsonb, $5)",
+            " VALUES ($1, $2, $3, $4::jsonb, $5)"
+        )
+        args = [
             event.generation_id,
             event.seq,
             event.type,
             _encode(event.data).decode(),
             event.at,
+        ]
+        if self._notifier is None:
+            await self.conn.execute(insert, *args)
+            return
+        # NOTIFY in the same statement and transaction: PostgreSQL delivers
+        # it only if the transaction commits, in commit order.
+        channel, payload = self._notifier(event)
+        await self.conn.execute(
+            f"WITH e AS ({insert}) SELECT pg_notify($6, $7)", *args, channel, payload
         )
 
     async def insert_idempotency(self, record: IdempotencyRecord) -> bool:
