@@ -134,6 +134,7 @@ class Connection:
         # 3. Read and write concurrently until either side ends.
         reader = asyncio.create_task(self._read_loop())
         writer = asyncio.create_task(self._write_loop())
+        self.outbox.on_abort = writer.cancel
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -170,6 +171,7 @@ class Connection:
         )
 
     async def _release(self) -> None:
+        self.outbox.on_abort = None
         if self._auth_timer is not None:
             self._auth_timer.cancel()
         self.hub.unregister(self.outbox)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from nimu_rt.events.frames import CLOSE_SLOW
 
@@ -54,6 +54,10 @@ class Outbox:
         self.close_code: int | None = None
         self.close_reason = ""
         self._drain_first = False
+        # Called when the outbox closes without draining. The connection
+        # cancels its writer with it: a writer blocked on a client that
+        # stopped reading would otherwise never look at the outbox again.
+        self.on_abort: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -142,9 +146,11 @@ class Outbox:
         self.close_code = code
         self.close_reason = reason[:120]
         self._drain_first = drain
+        self._ready.set()
+        self._space.set()
         if not drain:
             self._slots.clear()
             self._by_key.clear()
             self._count = 0
-        self._ready.set()
-        self._space.set()
+            if self.on_abort is not None:
+                self.on_abort()
