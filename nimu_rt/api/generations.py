@@ -128,21 +128,35 @@ async def get(request: Request) -> Response:
     wait_s = min(wait_s, svc.settings.realtime.longpoll_max_wait_s)
     deadline = asyncio.get_running_loop().time() + wait_s
     with svc.hub.watch(generation_id) as changed:
-        while True:
-            # Cleared before the read: a change committed after the read
-            # sets it again, so the wait below cannot miss it.
-            changed.clear()
-            generation = await svc.generations.get(caller, generation_id)
-            if generation.seq != since:
-                return snapshot_response(generation)
-            remaining_s = deadline - asyncio.get_running_loop().time()
-            if remaining_s <= 0 or svc.hub.closed:
-                return not_modified(generation)
-            try:
-                async with asyncio.timeout(remaining_s):
-                    await changed.wait()
-            except TimeoutError:
-                return not_modified(generation)
+        # A client that leaves (a closed tab) must not hold the request,
+        # nor delay a graceful shutdown, until the wait ends.
+        gone = asyncio.create_task(_disconnected(request, changed))
+        try:
+            while True:
+                # Cleared before the read: a change committed after the
+                # read sets it again, so the wait below cannot miss it.
+                changed.clear()
+                generation = await svc.generations.get(caller, generation_id)
+                if generation.seq != since:
+                    return snapshot_response(generation)
+                remaining_s = deadline - asyncio.get_running_loop().time()
+                if remaining_s <= 0 or svc.hub.closed or gone.done():
+                    return not_modified(generation)
+                try:
+                    async with asyncio.timeout(remaining_s):
+                        await changed.wait()
+                except TimeoutError:
+                    return not_modified(generation)
+        finally:
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+
+
+async def _disconnected(request: Request, changed: asyncio.Event) -> None:
+    """Return (and set ``changed``) once the client has disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    changed.set()
 
 
 def not_modified(generation: Generation) -> Response:

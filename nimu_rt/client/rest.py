@@ -121,8 +121,13 @@ class RestClient:
         timeout: Any = httpx.USE_CLIENT_DEFAULT
         if wait_s is not None:
             params["waitSeconds"] = wait_s
-            base = self._http.timeout.read or 0.0
-            timeout = httpx.Timeout(self._http.timeout, read=base + wait_s)
+            current = self._http.timeout
+            timeout = httpx.Timeout(
+                connect=current.connect,
+                read=(current.read or 0.0) + wait_s,
+                write=current.write,
+                pool=current.pool,
+            )
         headers = None
         if since_seq is not None and wait_s is None:
             headers = {"If-None-Match": f'"{since_seq}"'}

@@ -276,6 +276,10 @@ class Hub:
             if not waiters:
                 self._watchers.pop(generation_id, None)
 
+    def waiting(self, generation_id: str) -> int:
+        """How many long-polls wait for ``generation_id`` right now."""
+        return len(self._watchers.get(generation_id, ()))
+
     # -- recovery and shutdown ---------------------------------------------------------
 
     def resync_all(self) -> None:
