@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,6 +39,9 @@ from nimu_rt.veo3.client import Veo3Client
 from nimu_rt.veo3.factory import create_veo3_client
 from nimu_rt.veo3.simulator import SimulatorServer
 
+if TYPE_CHECKING:
+    from nimu_rt.events.bridge import PostgresBridge
+
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +62,7 @@ class Services:
         # the hub; with PostgreSQL the bridge brings the other instances'.
         self.hub = Hub()
         self.store.add_listener(self.hub.publish_events)
-        self.bridge: Any = None
+        self.bridge: PostgresBridge | None = None
         self.started_monotonic = time.monotonic()
         # Made in start(): the simulator's address is known once it listens.
         self.simulator: SimulatorServer | None = None
@@ -113,9 +116,11 @@ class Services:
             await self._start_veo3()
             if self.store.kind == "postgres":
                 from nimu_rt.events.bridge import PostgresBridge
+                from nimu_rt.store.postgres import PostgresStore
 
+                assert isinstance(self.store, PostgresStore)
                 self.bridge = PostgresBridge(
-                    self.store, self.hub, self.settings.realtime  # type: ignore[arg-type]
+                    self.store, self.hub, self.settings.realtime
                 )
                 await self.bridge.start()
         except BaseException:

@@ -103,7 +103,7 @@ class Connection:
         self.subscriptions: dict[str, Subscription] = {}
         self._auth_timer: asyncio.TimerHandle | None = None
 
-    # -- lifecycle ----------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------
 
     async def run(self) -> None:
         # 1. Refuse before accepting: the browser then sees a failed
@@ -226,7 +226,7 @@ class Connection:
         if self.principal is None:
             self.outbox.close(CLOSE_AUTH_TIMEOUT, "no auth message in time")
 
-    # -- writing ---------------------------------------------------------------
+    # -- writing --------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
         outbox = self.outbox
@@ -251,7 +251,7 @@ class Connection:
     def error(self, code: str, message: str, topic: str | None = None) -> None:
         self.send(Error(code=code, message=message, topic=topic))
 
-    # -- reading ---------------------------------------------------------------
+    # -- reading --------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         """Answer client frames until the client disconnects (returns None)."""
@@ -312,6 +312,10 @@ class Connection:
 
     async def _subscribe(self, topic: str, since_seq: int | None) -> None:
         assert self.principal is not None
+        # A subscription that ended itself (its generation vanished) no
+        # longer counts.
+        for name in [n for n, sub in self.subscriptions.items() if sub.closed]:
+            del self.subscriptions[name]
         if topic not in self.subscriptions and (
             len(self.subscriptions) >= self.settings.max_subscriptions
         ):

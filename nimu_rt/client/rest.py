@@ -78,7 +78,9 @@ class RestClient:
         """
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         body = {"prompt": prompt, **options}
-        answer = await self._call("POST", "/api/generations", json=body, headers=headers)
+        answer = await self._call(
+            "POST", "/api/generations", json=body, headers=headers
+        )
         return _generation.decode(answer.content)
 
     async def clarify(self, generation_id: str, answers: dict[str, str]) -> Generation:

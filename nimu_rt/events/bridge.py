@@ -112,7 +112,7 @@ class PostgresBridge:
         """The server process id of the LISTEN connection (for operators)."""
         return None if self._conn is None else self._conn.get_server_pid()
 
-    # -- lifecycle -----------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start listening; waits (bounded) until the first LISTEN is active.
@@ -149,7 +149,7 @@ class PostgresBridge:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._drop_connection()
 
-    # -- sending ---------------------------------------------------------------------
+    # -- sending --------------------------------------------------------------------
 
     def notification(self, event: Event) -> tuple[str, str]:
         """The channel and payload announcing ``event`` (called by the store)."""
@@ -200,7 +200,7 @@ class PostgresBridge:
                         extra={"action": "bridge.send_failed", "topic": message.topic},
                     )
 
-    # -- receiving ---------------------------------------------------------------------
+    # -- receiving ------------------------------------------------------------------
 
     def _on_notify(
         self, conn: Any, pid: int, channel: str, payload: str
@@ -242,7 +242,7 @@ class PostgresBridge:
             return
         self.hub.publish_events(events)
 
-    # -- the LISTEN connection ------------------------------------------------------------
+    # -- the LISTEN connection ------------------------------------------------------
 
     async def _supervise(self) -> None:
         retry_s = _FIRST_RETRY_S

@@ -139,7 +139,7 @@ class Hub:
         self.forward: Forwarder | None = None
         self.closed = False
 
-    # -- subscribers -------------------------------------------------------------
+    # -- subscribers ----------------------------------------------------------------
 
     def attach(self, topic: str, sink: Sink) -> None:
         """Start handing ``topic``'s messages to ``sink``."""
@@ -169,7 +169,7 @@ class Hub:
     def connection_count(self) -> int:
         return len(self._outboxes)
 
-    # -- publishing --------------------------------------------------------------
+    # -- publishing -----------------------------------------------------------------
 
     def publish_events(self, events: Iterable[Event]) -> None:
         """Fan stored events out to their generation and user topics.
@@ -254,7 +254,7 @@ class Hub:
                     extra={"action": "hub.offer", "topic": topic},
                 )
 
-    # -- waiting for a change (long-polling) ---------------------------------------
+    # -- waiting for a change (long-polling) ----------------------------------------
 
     @contextmanager
     def watch(self, generation_id: str) -> Iterator[asyncio.Event]:
@@ -280,7 +280,7 @@ class Hub:
         """How many long-polls wait for ``generation_id`` right now."""
         return len(self._watchers.get(generation_id, ()))
 
-    # -- recovery and shutdown ---------------------------------------------------------
+    # -- recovery and shutdown ------------------------------------------------------
 
     def resync_all(self) -> None:
         """Tell every subscriber that messages may have been missed.
@@ -299,7 +299,9 @@ class Hub:
             try:
                 sink.resync()
             except Exception:
-                log.exception("subscriber failed to resync", extra={"action": "hub.resync"})
+                log.exception(
+                    "subscriber failed to resync", extra={"action": "hub.resync"}
+                )
         for waiters in self._watchers.values():
             for waiter in waiters:
                 waiter.set()

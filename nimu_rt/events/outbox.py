@@ -47,8 +47,8 @@ class Outbox:
         self._count = 0  # slots not dropped
         self._by_key: dict[Hashable, _Slot] = {}
         self._ready = asyncio.Event()
+        # Set whenever a frame is taken, for wait_for_room.
         self._space = asyncio.Event()
-        self._space.set()
         # Set once: why the connection must end, and whether the frames
         # already queued are still sent first.
         self.close_code: int | None = None
@@ -96,8 +96,6 @@ class Outbox:
         if len(self._slots) > 2 * self.capacity:
             # Dropped slots are skipped lazily; compact before they pile up.
             self._slots = deque(s for s in self._slots if not s.dropped)
-        if self._count >= self.capacity // 2:
-            self._space.clear()
         self._ready.set()
 
     def room(self) -> int:
@@ -105,14 +103,13 @@ class Outbox:
         return self.capacity - self._count
 
     async def wait_for_room(self, frames: int) -> None:
-        """Wait until ``frames`` more fit, or the outbox closed.
+        """Wait until ``frames`` more fit (at most the capacity), or it closed.
 
-        ``frames`` above half the capacity is treated as half (a replay is
-        bounded below the capacity by configuration). The caller bounds the
-        wait with its own timeout.
+        The caller bounds the wait with its own timeout.
         """
-        frames = min(frames, self.capacity // 2)
+        frames = min(frames, self.capacity)
         while self.close_code is None and self.room() < frames:
+            self._space.clear()
             await self._space.wait()
 
     async def get(self) -> str | None:
@@ -129,8 +126,7 @@ class Outbox:
                 if slot.key is not None and self._by_key.get(slot.key) is slot:
                     del self._by_key[slot.key]
                 self._count -= 1
-                if self._count < self.capacity // 2:
-                    self._space.set()
+                self._space.set()
                 return slot.text
             self._ready.clear()
             await self._ready.wait()

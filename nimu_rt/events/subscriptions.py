@@ -114,7 +114,7 @@ class Subscription:
             raise
         self._go_live()
 
-    # -- live messages ---------------------------------------------------------------
+    # -- live messages --------------------------------------------------------------
 
     def offer(self, message: Message) -> None:
         if self._closed:
@@ -135,7 +135,7 @@ class Subscription:
     def _put_frame(self, frame: ServerFrame) -> None:
         self.ctx.outbox.put(encode_frame(frame))
 
-    # -- catching up -------------------------------------------------------------
+    # -- catching up ----------------------------------------------------------------
 
     def resync(self) -> None:
         """Rebuild from the store; messages may have been missed."""
@@ -223,14 +223,19 @@ class Subscription:
     async def _rebuild(self, since_seq: int | None, *, first: bool) -> None:
         raise NotImplementedError
 
-    # -- ending ----------------------------------------------------------------
+    # -- ending ---------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close_now(self) -> None:
         """Detach and stop taking messages; a running rebuild is cancelled."""
         self._closed = True
         self.ctx.hub.detach(self.topic, self)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
 
     async def close(self) -> None:
         """Detach and wait for a running rebuild to end; safe twice."""
@@ -274,7 +279,9 @@ class GenerationSubscription(Subscription):
             raise NotFound(f"no generation {self.generation_id}")
         frames: list[ServerFrame | Message]
         if since_seq is None:
-            frames = [Subscribed(topic=self.topic, snapshot=generation, seq=generation.seq)]
+            frames = [
+                Subscribed(topic=self.topic, snapshot=generation, seq=generation.seq)
+            ]
             last = generation.seq
         else:
             events = await ctx.store.events_after(
@@ -283,11 +290,15 @@ class GenerationSubscription(Subscription):
             if _resumable(since_seq, events, generation, ctx.replay_limit):
                 frames = []
                 if first:
-                    frames.append(Subscribed(topic=self.topic, snapshot=None, seq=since_seq))
+                    frames.append(
+                        Subscribed(topic=self.topic, snapshot=None, seq=since_seq)
+                    )
                 frames += [event_message(self.topic, e) for e in events]
                 last = events[-1].seq if events else since_seq
             else:
-                frames = [Reset(topic=self.topic, snapshot=generation, seq=generation.seq)]
+                frames = [
+                    Reset(topic=self.topic, snapshot=generation, seq=generation.seq)
+                ]
                 last = generation.seq
         await self._queue_frames(frames)
         self.last_seq = last
@@ -387,7 +398,9 @@ def open_subscription(
         if not is_id(generation_id):
             raise FrameError("bad_topic", "generation topics are generation:<id>")
         return GenerationSubscription(topic, generation_id, ctx)
-    if since_seq is not None and (topic == QUEUE_TOPIC or topic.startswith(USER_PREFIX)):
+    if since_seq is not None and (
+        topic == QUEUE_TOPIC or topic.startswith(USER_PREFIX)
+    ):
         raise FrameError(
             "resume_unsupported",
             "sinceSeq applies to generation topics only; subscribe without it",

@@ -86,7 +86,12 @@ async def test_resume_after_a_disconnect_has_no_gap_and_no_duplicate(api: Api):
         }
         replayed = [await ws.event() for _ in range(missed_to - last_seen)]
         assert [e["seq"] for e in replayed] == list(range(last_seen + 1, missed_to + 1))
-        assert [e["type"] for e in replayed] == ["status", "progress", "updated", "progress"]
+        assert [e["type"] for e in replayed] == [
+            "status",
+            "progress",
+            "updated",
+            "progress",
+        ]
         assert replayed[2]["data"] == {"note": "while away"}
 
         # Then live, and nothing twice.

@@ -64,3 +64,21 @@ async def test_a_drained_close_sends_what_was_queued_first():
     assert await asyncio.wait_for(outbox.get(), 1) == "error: bad token"
     assert await asyncio.wait_for(outbox.get(), 1) is None
     assert (outbox.close_code, outbox.close_reason) == (4501, "the token is not valid")
+
+
+async def test_a_replay_waits_for_room_instead_of_overflowing():
+    outbox = Outbox(capacity=4)
+    for i in range(3):
+        outbox.put(f"live {i}")
+    waiting = asyncio.create_task(outbox.wait_for_room(3))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # only one frame fits
+    assert await asyncio.wait_for(outbox.get(), 1) == "live 0"
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    assert await asyncio.wait_for(outbox.get(), 1) == "live 1"
+    await asyncio.wait_for(waiting, 1)
+    for i in range(3):
+        outbox.put(f"replayed {i}")
+    assert not outbox.closed
+    assert len(outbox) == 4
