@@ -85,6 +85,12 @@ class PostgresBridge:
     It owns one dedicated LISTEN connection and two tasks (the supervisor
     that keeps it open, and the sender of ephemeral messages). It does not
     deliver anything to sockets itself; it feeds the :class:`Hub`.
+
+    Only events written through this store while the bridge runs are
+    announced: a process that writes to the database without a started
+    bridge (a one-off script) is heard by nobody, and subscribers elsewhere
+    see its events only when a later event makes them catch up by seq. So
+    work that writes during shutdown must stop before :meth:`close`.
     """
 
     def __init__(
