@@ -33,6 +33,7 @@ from nimu_rt.errors import (
 )
 from nimu_rt.generations import Generations
 from nimu_rt.models import encode
+from nimu_rt.storage import Storage, create_storage
 from nimu_rt.store import Store, create_store
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,15 @@ def default_instance_id() -> str:
 class Services:
     """Everything one running instance holds, started and stopped together."""
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        storage: Storage | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store or create_store(settings)
+        self.storage = storage or create_storage(settings)
         self.instance_id = settings.server.instance_id or default_instance_id()
         self.auth = TokenAuthority(settings, signing_secret(settings))
         self.generations = Generations(settings, self.store)
@@ -75,6 +82,11 @@ class Services:
                     f"database: schema migrations {pending} are not applied;"
                     " run `nimu-rt migrate` (the Procfile's release step)"
                 )
+        try:
+            await self.storage.open()
+        except BaseException:
+            await self.store.close()
+            raise
         self.started_monotonic = time.monotonic()
         self._started = True
         log.info(
@@ -89,6 +101,7 @@ class Services:
         if not self._started:
             return
         self._started = False
+        await self.storage.close()
         await self.store.close()
         log.info(
             "instance %s stopped",

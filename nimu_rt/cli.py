@@ -1,4 +1,4 @@
-"""The ``nimu-rt`` command: serve, migrate, token.
+"""The ``nimu-rt`` command: serve, migrate, token, setup-bucket.
 
 Every subcommand reads the same settings (see :mod:`nimu_rt.config`). A bad
 setting ends the command with one line on stderr naming the key, and exit
@@ -88,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="lifetime (default: auth.dev_token_ttl_s)",
     )
     token.set_defaults(handler=cmd_token)
+
+    setup_bucket = commands.add_parser(
+        "setup-bucket",
+        help="apply CORS and lifecycle rules to the R2 bucket",
+        description="Write the bucket's CORS rule (origins from"
+        " storage.cors_origins; Range allowed, ETag and Content-Range exposed)"
+        " and a lifecycle rule aborting multipart uploads left unfinished for"
+        " storage.abort_incomplete_after_days. Other rules are kept; running it"
+        " again changes nothing. Needs storage.backend = \"r2\".",
+    )
+    setup_bucket.set_defaults(handler=cmd_setup_bucket)
     return parser
 
 
@@ -203,6 +214,32 @@ def cmd_token(args: argparse.Namespace) -> int:
     principal_from_claims({"sub": args.user, "role": args.role})
     authority = TokenAuthority(settings, signing_secret(settings))
     print(authority.issue(args.user, role=args.role, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_setup_bucket(args: argparse.Namespace) -> int:
+    from nimu_rt.errors import ConfigError
+    from nimu_rt.storage.bucket import setup_bucket
+    from nimu_rt.storage.r2 import R2Storage
+
+    settings = load_settings()
+    logs.configure(settings.logging)
+    if settings.storage.backend != "r2":
+        raise ConfigError(
+            "storage.backend: setup-bucket configures an R2 bucket; the local"
+            " backend needs no setup"
+        )
+
+    async def run() -> list[str]:
+        storage = R2Storage(settings.storage)
+        await storage.open()
+        try:
+            return await setup_bucket(storage)
+        finally:
+            await storage.close()
+
+    for line in asyncio.run(run()):
+        print(f"{settings.storage.bucket}: {line}")
     return 0
 
 
