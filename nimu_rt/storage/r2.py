@@ -87,6 +87,7 @@ T = TypeVar("T")
 MAX_PRESIGN_S = 7 * 24 * 3600  # R2's limit on presigned URLs
 SHA256_META = "sha256"  # x-amz-meta-sha256
 _READ_CHUNK_BYTES = 256 * 1024
+_MAX_READ_BYTES = 64 * 1024
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _RETRYABLE_CODES = frozenset(
     {
@@ -163,10 +164,19 @@ class _BodyReader(io.RawIOBase):
         return True
 
     def readinto(self, target: Any) -> int:
-        n = max(0, min(len(target), len(self._view) - self._pos))
+        n = max(0, min(len(target), len(self._view) - self._pos, _MAX_READ_BYTES))
         target[:n] = self._view[self._pos : self._pos + n]
         self._pos += n
         return n
+
+    def read(self, size: int = -1) -> bytes:
+        # Short reads are allowed and keep the copies small: botocore asks
+        # for 1 MiB at a time to hash the body when signing it.
+        remaining = max(0, len(self._view) - self._pos)
+        n = min(remaining if size < 0 else size, remaining, _MAX_READ_BYTES)
+        data = bytes(self._view[self._pos : self._pos + n])
+        self._pos += n
+        return data
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}
@@ -178,6 +188,15 @@ class _BodyReader(io.RawIOBase):
 
     def __len__(self) -> int:
         return len(self._view)
+
+    def release(self) -> None:
+        """Let go of the buffer.
+
+        aiohttp's request and response objects form reference cycles that
+        live until the garbage collector runs; dropping the view here frees
+        the part's buffer as soon as the request is over, not then.
+        """
+        self._view = memoryview(b"")
 
 
 def _md5_instead_of_crc32(request: Any, **_: Any) -> None:
@@ -390,16 +409,20 @@ class R2Storage(Storage, MultipartTarget):
     async def upload_part(
         self, key: str, upload_id: str, number: int, body: memoryview, md5: bytes
     ) -> str:
-        answer = await self._call(
-            f"upload part {number} of {key}",
-            "upload_part",
-            Key=key,
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=_BodyReader(body),
-            ContentLength=len(body),
-            ContentMD5=content_md5(md5),
-        )
+        reader = _BodyReader(body)
+        try:
+            answer = await self._call(
+                f"upload part {number} of {key}",
+                "upload_part",
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=reader,
+                ContentLength=len(body),
+                ContentMD5=content_md5(md5),
+            )
+        finally:
+            reader.release()
         return _strip_etag(answer.get("ETag")) or ""
 
     async def complete_upload(
@@ -484,16 +507,20 @@ class R2Storage(Storage, MultipartTarget):
     async def put_object(
         self, key: str, body: memoryview, *, content_type: str, sha256: str, md5: bytes
     ) -> str | None:
-        answer = await self._call(
-            f"put {key}",
-            "put_object",
-            Key=key,
-            Body=_BodyReader(body),
-            ContentLength=len(body),
-            ContentMD5=content_md5(md5),
-            ContentType=content_type,
-            Metadata={SHA256_META: sha256},
-        )
+        reader = _BodyReader(body)
+        try:
+            answer = await self._call(
+                f"put {key}",
+                "put_object",
+                Key=key,
+                Body=reader,
+                ContentLength=len(body),
+                ContentMD5=content_md5(md5),
+                ContentType=content_type,
+                Metadata={SHA256_META: sha256},
+            )
+        finally:
+            reader.release()
         return _strip_etag(answer.get("ETag"))
 
     # -- small objects -------------------------------------------------------------
