@@ -102,7 +102,7 @@ async def get_video(request: Request) -> Response:
     if video.deleted_at is not None:
         raise NotFound(
             f"the video of generation {generation.id} was deleted",
-            deletedAt=video.deleted_at.isoformat(),
+            deletedAt=msgspec.to_builtins(video.deleted_at),
         )
     ttl_s = svc.settings.storage.signed_url_ttl_s
     url, expires_at = await svc.storage.playback_url(video.key, expires_s=ttl_s)
