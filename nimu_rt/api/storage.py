@@ -45,6 +45,7 @@ from nimu_rt.models import Generation, Record, VideoInfo, utcnow
 from nimu_rt.storage.keys import check_key, reference_key
 from nimu_rt.storage.local import LocalStorage
 from nimu_rt.storage.video import video_keys
+from nimu_rt.store import Transaction
 
 _CHUNK_BYTES = 256 * 1024
 
@@ -85,10 +86,14 @@ def _stored_video(generation: Generation) -> VideoInfo:
     return video
 
 
-async def _locked_for(tx: object, caller: Principal, generation_id: str) -> Generation:
+async def _locked_for(
+    tx: Transaction, caller: Principal, generation_id: str
+) -> Generation:
+    # The same rule as Generations.get: another user's generation is "not
+    # found", so ids reveal nothing.
     generation = None
     if is_id(generation_id):
-        generation = await tx.lock_generation(generation_id)  # type: ignore[attr-defined]
+        generation = await tx.lock_generation(generation_id)
     if generation is None or not caller.may_access(generation.user_id):
         raise NotFound(f"no generation {generation_id}")
     return generation

@@ -108,7 +108,10 @@ async def _get_rules(
     return list(answer.get(field, []))
 
 
-def _with_rule(rules: list[dict[str, Any]], rule: dict[str, Any]) -> list[dict[str, Any]]:
+Rules = list[dict[str, Any]]
+
+
+def _with_rule(rules: Rules, rule: dict[str, Any]) -> Rules:
     others = [r for r in rules if r.get("ID") != rule["ID"]]
     return [*others, rule]
 

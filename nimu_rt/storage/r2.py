@@ -25,7 +25,6 @@ including aiohttp errors that botocore does not wrap) become
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import hashlib
 import io
@@ -100,6 +99,7 @@ _RETRYABLE_CODES = frozenset(
         "BadDigest",
     }
 )
+_TRANSIENT_READ_ERRORS = (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)
 _CHECKSUM_REQUIRED_OPS = (
     "PutBucketCors",
     "PutBucketLifecycleConfiguration",
@@ -570,7 +570,7 @@ class R2Storage(Storage, MultipartTarget):
                 try:
                     async with asyncio.timeout(self.settings.read_timeout_s):
                         chunk = await body.read(_READ_CHUNK_BYTES)
-                except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                except _TRANSIENT_READ_ERRORS as exc:
                     # aiohttp's ClientPayloadError reaches us unwrapped here.
                     raise translate_error(exc, what) from exc
                 if not chunk:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import random
@@ -455,31 +456,31 @@ class _Upload:
     ) -> None:
         upload_id = self.upload_id
         assert upload_id is not None
-
-        async def attempt() -> str:
-            etag = await self.target.upload_part(
-                self.key, upload_id, number, body, md5
-            )
-            if etag != md5.hex():
-                # Content-MD5 already makes the backend refuse corrupted
-                # bytes; a different ETag means something between us and it
-                # changed them, which another try may not repeat.
-                raise StorageRetryable(
-                    f"part {number}: the ETag {etag} returned is not the MD5 of"
-                    f" the bytes sent ({md5.hex()})"
-                )
-            return etag
-
         size = len(body)
+        call = functools.partial(self._try_part, upload_id, number, body, md5)
         try:
-            etag = await self._retry(f"upload part {number}", attempt)
+            etag = await self._retry(f"upload part {number}", call)
             self.parts_sent.append(number)
         finally:
-            # The buffer is freed with the last reference to it, here; the
-            # slot lets the reader fill a new one.
-            del body, attempt
+            # Our last references to the buffer go here, before on_state
+            # runs: the memory is freed when the slot is.
+            del body, call
             slots.release()
         await self._part_done(PartRecord(number=number, etag=etag, size_bytes=size))
+
+    async def _try_part(
+        self, upload_id: str, number: int, body: memoryview, md5: bytes
+    ) -> str:
+        etag = await self.target.upload_part(self.key, upload_id, number, body, md5)
+        if etag != md5.hex():
+            # Content-MD5 already makes the backend refuse corrupted bytes; a
+            # different ETag means something between us and it changed them,
+            # which another try may not repeat.
+            raise StorageRetryable(
+                f"part {number}: the ETag {etag} returned is not the MD5 of"
+                f" the bytes sent ({md5.hex()})"
+            )
+        return etag
 
     async def _part_done(self, record: PartRecord) -> None:
         async with self._state_lock:
@@ -515,14 +516,13 @@ class _Upload:
         upload_id = self.upload_id
         assert upload_id is not None
         try:
-            # Shielded: the abort must finish even if we are being cancelled
-            # while failing, or the parts stay billed until the lifecycle rule.
+            # Not shielded: if we are cancelled while failing, the abort is
+            # left to the bucket's lifecycle rule and the maintenance task
+            # rather than to a task nobody owns.
             async with asyncio.timeout(_ABORT_TIMEOUT_S):
-                await asyncio.shield(
-                    self._retry(
-                        "abort multipart upload",
-                        lambda: self.target.abort_multipart(self.key, upload_id),
-                    )
+                await self._retry(
+                    "abort multipart upload",
+                    lambda: self.target.abort_multipart(self.key, upload_id),
                 )
         except (NimuError, TimeoutError) as exc:
             log.warning(

@@ -12,7 +12,6 @@ import pytest
 
 from nimu_rt.errors import Veo3Retryable
 from nimu_rt.storage import Storage, create_storage
-from nimu_rt.storage.base import SourceOpener
 from tests.conftest import S3Endpoint
 from tests.storage.s3proxy import S3Proxy
 from tests.support import make_settings
@@ -131,7 +130,3 @@ async def make_r2(
 
 async def read_all(storage: Storage, key: str) -> bytes:
     return b"".join([chunk async for chunk in storage.read_stream(key)])
-
-
-def opener(data: bytes) -> SourceOpener:
-    return Source(data)

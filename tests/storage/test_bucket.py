@@ -29,7 +29,9 @@ async def rules(storage: R2Storage) -> tuple[list[Any], list[Any]]:
     return cors["CORSRules"], lifecycle["Rules"]
 
 
-async def test_setup_twice_gives_the_same_bucket(make_r2: StorageFactory, proxy: S3Proxy):
+async def test_setup_twice_gives_the_same_bucket(
+    make_r2: StorageFactory, proxy: S3Proxy
+):
     storage = await make_r2(cors_origins=[ORIGIN], abort_incomplete_after_days=3)
     assert isinstance(storage, R2Storage)
     # A rule added by someone else (say, in the dashboard) must survive.
@@ -78,16 +80,19 @@ async def test_setup_twice_gives_the_same_bucket(make_r2: StorageFactory, proxy:
 
 async def test_a_changed_setting_rewrites_only_our_rule(make_r2: StorageFactory):
     storage = await make_r2(abort_incomplete_after_days=3)
-    await setup_bucket(storage)  # type: ignore[arg-type]
+    assert isinstance(storage, R2Storage)
+    await setup_bucket(storage)
     changed = await make_r2(abort_incomplete_after_days=5)
+    assert isinstance(changed, R2Storage)
 
-    report = await setup_bucket(changed)  # type: ignore[arg-type]
+    report = await setup_bucket(changed)
 
     assert report == [
         "cors: skipped (storage.cors_origins is empty)",
         "lifecycle: updated (abort unfinished uploads after 5 days)",
     ]
-    (rule,) = (await changed.request("get_bucket_lifecycle_configuration"))["Rules"]  # type: ignore[attr-defined]
+    assert isinstance(changed, R2Storage)
+    (rule,) = (await changed.request("get_bucket_lifecycle_configuration"))["Rules"]
     assert rule["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 5}
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from nimu_rt.storage import create_storage
-from tests.storage.conftest import MiB, PART, payload
+from tests.storage.conftest import PART, MiB, payload
 from tests.support import WAIT_S, make_settings
 
 pytestmark = pytest.mark.slow
