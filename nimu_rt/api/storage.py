@@ -62,6 +62,8 @@ class VideoLinks(Record, kw_only=True):
 
 
 class ReferenceUploadBody(Body, kw_only=True):
+    """What a client says about the reference image it is about to upload."""
+
     content_type: str
     # The exact size of the file: the presigned PUT accepts only that many
     # bytes (R2 cannot enforce a maximum otherwise).
@@ -100,6 +102,10 @@ async def _locked_for(
 
 
 async def get_video(request: Request) -> Response:
+    """Links and metadata of a stored video; 404 if none, deleted or not ours.
+
+    Does not check that the objects still exist: the record is the truth.
+    """
     caller = principal(request)
     svc = services(request)
     generation = await svc.generations.get(caller, request.path_params["id"])
@@ -129,6 +135,10 @@ async def get_video(request: Request) -> Response:
 
 
 async def delete_video(request: Request) -> Response:
+    """Delete the video and thumbnail; answer the generation, now marked.
+
+    Repeating it is harmless. The generation itself is never deleted here.
+    """
     caller = principal(request)
     svc = services(request)
     async with svc.store.transaction() as tx:
@@ -146,6 +156,10 @@ async def delete_video(request: Request) -> Response:
 
 
 async def create_upload(request: Request) -> Response:
+    """A presigned PUT for one reference image of the caller (201).
+
+    Checks the declared type and size; the bytes are checked when used.
+    """
     caller = principal(request)
     svc = services(request)
     limits = svc.settings.storage
@@ -199,6 +213,7 @@ def _local(request: Request) -> tuple[LocalStorage, str]:
 
 
 async def get_object(request: Request) -> Response:
+    """Serve a local object at a signed link, whole or one byte range."""
     storage, key = _local(request)
     storage.check_link("GET", key, dict(request.query_params))
     info = await storage.head(key)
@@ -283,6 +298,10 @@ async def _file_chunks(path: Path, start: int, end: int) -> AsyncIterator[bytes]
 
 
 async def put_object(request: Request) -> Response:
+    """Store the body at a signed upload link, as R2 would a presigned PUT.
+
+    The bytes are not inspected, as R2 would not either.
+    """
     storage, key = _local(request)
     params = dict(request.query_params)
     storage.check_link("PUT", key, params)
