@@ -35,6 +35,9 @@ from nimu_rt.generations import Generations
 from nimu_rt.models import encode
 from nimu_rt.storage import Storage, create_storage
 from nimu_rt.store import Store, create_store
+from nimu_rt.veo3.client import Veo3Client
+from nimu_rt.veo3.factory import create_veo3_client
+from nimu_rt.veo3.simulator import SimulatorServer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,32 @@ class Services:
         self.auth = TokenAuthority(settings, signing_secret(settings))
         self.generations = Generations(settings, self.store)
         self.started_monotonic = time.monotonic()
+        # Made in start(): the simulator's address is known once it listens.
+        self.simulator: SimulatorServer | None = None
+        self._veo3: Veo3Client | None = None
         self._started = False
+
+    @property
+    def veo3(self) -> Veo3Client:
+        """The Veo 3 client (aimed at the simulator in the embedded default)."""
+        if self._veo3 is None:
+            raise RuntimeError("Services.start() has not run")
+        return self._veo3
+
+    async def _start_veo3(self) -> None:
+        if self.settings.veo3.provider == "simulator":
+            self.simulator = SimulatorServer(self.settings)
+            base_url = await self.simulator.start()
+            self._veo3 = create_veo3_client(self.settings, base_url=base_url)
+        else:
+            self._veo3 = create_veo3_client(self.settings)
+
+    async def _stop_veo3(self) -> None:
+        client, self._veo3 = self._veo3, None
+        if client is not None:
+            await client.aclose()
+        if self.simulator is not None:
+            await self.simulator.stop()
 
     async def start(self) -> None:
         """Open the store and start background work; a second call does nothing."""
@@ -84,7 +112,10 @@ class Services:
                 )
         try:
             await self.storage.open()
+            await self._start_veo3()
         except BaseException:
+            await self._stop_veo3()
+            await self.storage.close()
             await self.store.close()
             raise
         self.started_monotonic = time.monotonic()
@@ -101,6 +132,7 @@ class Services:
         if not self._started:
             return
         self._started = False
+        await self._stop_veo3()
         await self.storage.close()
         await self.store.close()
         log.info(
@@ -244,6 +276,7 @@ def _incoming_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"x-request-id":
             text = value.decode("latin-1")
-            if 0 < len(text) <= 128 and text.isascii() and text.isprintable():
+            # Printable ASCII without spaces: it is echoed into logs.
+            if 0 < len(text) <= 128 and all("!" <= c <= "~" for c in text):
                 return text
     return None

@@ -1,4 +1,4 @@
-"""The ``nimu-rt`` command: serve, migrate, token, setup-bucket.
+"""The ``nimu-rt`` command: serve, migrate, token, veo3-sim, setup-bucket.
 
 Every subcommand reads the same settings (see :mod:`nimu_rt.config`). A bad
 setting ends the command with one line on stderr naming the key, and exit
@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(handler=cmd_token)
 
+    sim = commands.add_parser(
+        "veo3-sim",
+        help="run the Veo 3 simulator alone",
+        description="Serve the built-in Veo 3 simulator: Google's Gemini and"
+        " Vertex wire formats, real MP4s, prompt markers such as [sim:safety]"
+        " and the [simulator] settings' fault injection. See the README's"
+        " 'Veo 3 simulator' section for a curl session.",
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind")
+    sim.add_argument(
+        "--port", type=int, default=8090, help="port to bind (0 picks a free one)"
+    )
+    sim.set_defaults(handler=cmd_veo3_sim)
+
     setup_bucket = commands.add_parser(
         "setup-bucket",
         help="apply CORS and lifecycle rules to the R2 bucket",
@@ -132,6 +146,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    # Listening now, before the banner: a client that reads the URL and
+    # connects at once waits in the backlog instead of being refused.
+    sock.listen(2048)
     port = sock.getsockname()[1]
     if port != settings.server.port:
         settings = load_settings(
@@ -214,6 +231,32 @@ def cmd_token(args: argparse.Namespace) -> int:
     principal_from_claims({"sub": args.user, "role": args.role})
     authority = TokenAuthority(settings, signing_secret(settings))
     print(authority.issue(args.user, role=args.role, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_veo3_sim(args: argparse.Namespace) -> int:
+    """Serve the Veo 3 simulator until interrupted (Ctrl+C)."""
+    from nimu_rt.veo3.simulator import SimulatorServer
+
+    settings = load_settings()
+    logs.configure(settings.logging)
+
+    async def run() -> None:
+        server = SimulatorServer(settings, host=args.host, port=args.port)
+        try:
+            base_url = await server.start()
+        except OSError as exc:
+            raise NimuError(
+                f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+            ) from None
+        print(f"Veo 3 simulator on {base_url} (stats: {base_url}/_sim/stats)",
+              flush=True)
+        try:
+            await server.wait()
+        finally:
+            await server.stop()
+
+    asyncio.run(run())
     return 0
 
 

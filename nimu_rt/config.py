@@ -124,6 +124,148 @@ def _default_pricing() -> dict[str, dict[str, Rate]]:
     }
 
 
+class QueueSettings(_Section, kw_only=True):
+    # Veo 3 quotas are per Google Cloud project, so these two limits hold for
+    # the whole cluster, not per instance.
+    max_concurrent_operations: PositiveInt = 10
+    submissions_per_minute: PositiveInt = 50
+    # Jobs one instance runs at once (any phase); operators may change it
+    # per instance at run time.
+    instance_concurrency: PositiveInt = 20
+    # Attempts of one generation before it fails (a user retry starts over).
+    max_attempts: PositiveInt = 3
+    # Wait before a retryable failure is tried again: doubles per attempt,
+    # with jitter, capped.
+    backoff_initial_s: NonNegativeFloat = 5.0
+    backoff_max_s: NonNegativeFloat = 300.0
+    # A running job's lease: renewed every lease_s / 3 by its instance and
+    # taken over by another instance when not renewed in time.
+    lease_s: PositiveFloat = 30.0
+    # An instance whose heartbeat is older than this is considered gone.
+    instance_timeout_s: PositiveFloat = 30.0
+    # The coordinator wakes on events; this is its fallback re-check.
+    tick_s: PositiveFloat = 2.0
+    # How often a non-coordinating instance tries to take over coordination.
+    leader_retry_s: PositiveFloat = 1.0
+    # A phase that runs longer than its deadline is failed (generating) or
+    # retried (submitting, uploading).
+    submitting_deadline_s: PositiveFloat = 120.0
+    generating_deadline_s: PositiveFloat = 900.0
+    uploading_deadline_s: PositiveFloat = 900.0
+    # Stored progress events per job at most this often.
+    progress_interval_s: NonNegativeFloat = 1.0
+    # Queue position events per job at most this often.
+    position_interval_s: NonNegativeFloat = 0.5
+    # Positions are published for this many jobs at the head of the queue.
+    positions_published_max: PositiveInt = 1000
+    # How long a cancel or override waits for the instance running the job.
+    command_timeout_s: PositiveFloat = 5.0
+    # Run time assumed for start-time estimates until jobs have finished.
+    typical_run_s: PositiveFloat = 90.0
+    # Maintenance: terminal generations older than this are removed, with
+    # their events and stored objects. 0 keeps them forever.
+    retention_days: NonNegativeFloat = 30.0
+    maintenance_interval_s: PositiveFloat = 3600.0
+
+class Veo3Settings(_Section, kw_only=True):
+    # Who makes the videos: the built-in simulator (started with the server),
+    # Google's Gemini API, or Vertex AI.
+    provider: Literal["simulator", "gemini", "vertex"] = "simulator"
+    # Gemini API key (x-goog-api-key); required with provider "gemini".
+    api_key: str = ""
+    # Override of the provider's endpoint; empty means Google's own
+    # (https://generativelanguage.googleapis.com or the regional Vertex one).
+    base_url: str = ""
+    # Vertex AI project and region; the project is required with "vertex".
+    vertex_project: str = ""
+    vertex_location: str = "us-central1"
+    # Vertex REST version in the path; Google's samples use v1.
+    vertex_api_version: str = "v1"
+    # A fixed OAuth access token; wins over the credentials file. Tokens
+    # expire within the hour, so this suits tests and short runs only.
+    vertex_access_token: str = ""
+    # Service-account JSON file read with google-auth (extra "vertex");
+    # empty with no token means google-auth's application default.
+    vertex_credentials_file: str = ""
+    # gs:// prefix for Vertex to write videos to; empty returns them inline
+    # (base64 in the poll answer, so the whole video is held in memory).
+    vertex_storage_uri: str = ""
+    # Where gs:// objects are downloaded from (the Cloud Storage JSON API).
+    gcs_base_url: str = "https://storage.googleapis.com"
+    # Per request: connecting, and everything else of a JSON call.
+    connect_timeout_s: PositiveFloat = 10.0
+    request_timeout_s: PositiveFloat = 60.0
+    # Longest wait for the next bytes of a download (not the whole file).
+    download_read_timeout_s: PositiveFloat = 60.0
+    # Attempts per HTTP call, the first included, before giving up.
+    retry_attempts: PositiveInt = 4
+    # Full-jitter backoff: a random wait up to initial * 2**n, capped.
+    retry_initial_s: NonNegativeFloat = 1.0
+    retry_max_s: NonNegativeFloat = 30.0
+    # A server hint (RetryInfo, Retry-After) longer than this is not waited
+    # out inside the client: the caller gets it as retry_after_s.
+    retry_hint_max_s: NonNegativeFloat = 60.0
+    # Poll delay: starts at poll_initial_s, times poll_growth per poll,
+    # never above poll_max_s. Veo 3 takes 11 s to 6 min.
+    poll_initial_s: NonNegativeFloat = 5.0
+    poll_growth: Annotated[float, Meta(ge=1)] = 1.5
+    poll_max_s: NonNegativeFloat = 30.0
+    # Typical generation time, for progress estimates (no percentage is
+    # reported by Veo 3). Ignored with the simulator, whose own is used.
+    typical_generation_s: PositiveFloat = 90.0
+    # Size of the chunks a download yields.
+    download_chunk_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+
+
+Rate01 = Annotated[float, Meta(ge=0, le=1)]
+
+
+class SimulatorSettings(_Section, kw_only=True):
+    # Seconds an operation stays running before it is done.
+    generation_s: NonNegativeFloat = 5.0
+    # Pixels on the short side of simulated videos (Google's are 720 or
+    # 1080); small is fast. 0 uses the requested resolution's real size.
+    frame_short_side_px: Annotated[int, Meta(ge=0, le=2160)] = 360
+    # The credential the simulator expects (API key or bearer token); empty
+    # accepts any non-empty one.
+    api_key: str = ""
+    # Models served; empty means the models of [pricing].
+    models: list[str] = msgspec.field(default_factory=list)
+    # Models answered with 404 "no longer available", as Google does.
+    retired_models: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "veo-2.0-generate-001",
+            "veo-3.0-generate-001",
+            "veo-3.0-fast-generate-001",
+            "veo-3.0-generate-preview",
+            "veo-3.0-fast-generate-preview",
+        ]
+    )
+    # Answer downloads with a 302 to a second URL, as Google does.
+    redirect_downloads: bool = True
+    # Seconds a finished video stays downloadable (Google: 2 days).
+    retention_s: NonNegativeFloat = 172800.0
+    # retryDelay sent with an injected 429.
+    retry_delay_s: NonNegativeFloat = 1.0
+    # How long a "slow" fault holds its answer; more than the client waits.
+    slow_s: NonNegativeFloat = 120.0
+    # Seed of the fault draws: same seed, same requests, same faults.
+    fault_seed: int = 0
+    # Chance per request of each injected fault (their sum at most 1).
+    # 500 and slow on a submit happen after the operation was created.
+    fault_429_rate: Rate01 = 0.0
+    fault_500_rate: Rate01 = 0.0
+    fault_503_rate: Rate01 = 0.0
+    fault_slow_rate: Rate01 = 0.0
+    # JSON calls only: a 200 whose body is cut short.
+    fault_malformed_rate: Rate01 = 0.0
+    # Downloads only: the connection closes halfway through the body.
+    fault_drop_rate: Rate01 = 0.0
+    # Chance per operation to end in an error (code 13) or a safety block.
+    operation_error_rate: Rate01 = 0.0
+    safety_filter_rate: Rate01 = 0.0
+
+
 MiB = 1024 * 1024
 # R2 (like S3) refuses multipart parts under 5 MiB except the last, and
 # parts over 5 GiB.
@@ -219,7 +361,12 @@ class Settings(_Section, kw_only=True):
     pricing: dict[str, dict[str, Rate]] = msgspec.field(
         default_factory=_default_pricing
     )
+    queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    veo3: Veo3Settings = msgspec.field(default_factory=Veo3Settings)
+    simulator: SimulatorSettings = msgspec.field(default_factory=SimulatorSettings)
+
+
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
 
     @property
@@ -295,6 +442,17 @@ def load_settings(
     if overrides:
         _merge(merged, dict(overrides), origin, "overrides", prefix="")
 
+    # msgspec reports a bad value inside a table as "[...]" without the key,
+    # so the price table's rows are checked one by one first.
+    pricing = merged.get("pricing", {})
+    if isinstance(pricing, Mapping):
+        for model, rows in pricing.items():
+            for resolution, rate in (rows or {}).items():
+                where = f"pricing.{model}.{resolution}"
+                try:
+                    msgspec.convert(rate, Rate, strict=False)
+                except msgspec.ValidationError as exc:
+                    raise ConfigError(_describe(exc, origin, where)) from None
     try:
         return msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -358,11 +516,13 @@ def _parse_env_value(name: str, section: str, key: str, raw: str) -> Any:
 _AT = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
-def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
+def _describe(
+    exc: msgspec.ValidationError, origin: Mapping[str, str], prefix: str = ""
+) -> str:
     match = _AT.match(str(exc))
     assert match is not None  # the pattern matches any string
     problem = match["problem"]
-    path = (match["path"] or "").lstrip(".")
+    path = ".".join(p for p in (prefix, (match["path"] or "").lstrip(".")) if p)
     path = re.sub(r"\[(?:'|\")?([^\]'\"]+)(?:'|\")?\]", r".\1", path).lstrip(".")
     unknown = re.match(r"Object contains unknown field `([^`]+)`", problem)
     if unknown:

@@ -15,7 +15,8 @@ see these types::
     ├── MethodNotAllowed           405 method_not_allowed
     ├── Conflict                   409 conflict
     │   ├── InvalidTransition      409 invalid_transition
-    │   └── CostNotAccepted        409 cost_not_accepted
+    │   ├── CostNotAccepted        409 cost_not_accepted
+    │   └── NotConfirmed           409 not_confirmed
     ├── PayloadTooLarge            413 payload_too_large
     ├── RangeNotSatisfiable        416 range_not_satisfiable
     ├── UnsupportedMediaType       415 unsupported_media_type
@@ -159,6 +160,11 @@ class InvalidTransition(Conflict):
 class CostNotAccepted(Conflict):
     code = "cost_not_accepted"
     title = "Accepted cost is below the current estimate"
+
+
+class NotConfirmed(Conflict):
+    code = "not_confirmed"
+    title = "The generation's price was never accepted"
 
 
 class PayloadTooLarge(NimuError):

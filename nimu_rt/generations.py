@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any, Protocol
 
-import msgspec
-
 from nimu_rt import clarifier
 from nimu_rt.api.schemas import (
     CreateGenerationBody,
@@ -34,7 +32,9 @@ from nimu_rt.config import Settings
 from nimu_rt.errors import (
     CostNotAccepted,
     IdempotencyKeyReused,
+    NotConfirmed,
     NotFound,
+    Unavailable,
     ValidationFailed,
 )
 from nimu_rt.ids import is_id, new_id
@@ -47,6 +47,7 @@ from nimu_rt.models import (
     GenerationOptions,
     utcnow,
 )
+from nimu_rt.jobs.commands import Intent, apply_command
 from nimu_rt.store import IdempotencyRecord, Job, Store, Transaction
 from nimu_rt.veo3.pricing import estimate_cost
 
@@ -340,6 +341,7 @@ class Generations:
                 generation_id=generation.id,
                 user_id=generation.user_id,
                 available_at=now,
+                queued_at=now,
                 created_at=now,
                 updated_at=now,
             )
@@ -357,21 +359,25 @@ class Generations:
         return await self.commands.cancel(generation)
 
     async def retry(self, principal: Principal, generation_id: str) -> Generation:
-        """Queue a failed or cancelled generation again, with fresh attempts."""
+        """Queue a failed or cancelled generation again, with fresh attempts.
+
+        Only a generation whose price was once accepted can be retried; one
+        cancelled before confirmation must be created again.
+        """
         async with self.store.transaction() as tx:
             generation = await self._locked(tx, principal, generation_id)
             next_status(generation.status, Action.RETRY)
-            job = await requeue_job(tx, generation)
-            return await tx.change(
-                generation,
-                action=Action.RETRY,
-                job_id=job.id,
-                progress=0,
-                attempts=0,
-                error=None,
-                queue_position=None,
-                estimated_start_at=None,
+            job = await tx.get_job(generation.id)
+            if job is None:
+                raise NotConfirmed(
+                    "this generation was cancelled before its price was"
+                    " accepted; create it again"
+                )
+            job = await tx.lock_job(job.id)
+            _, generation = await apply_command(
+                tx, job, generation, Action.RETRY, Intent()
             )
+            return generation
 
     async def override(
         self,
@@ -396,7 +402,9 @@ class Generations:
                 )
             message, found = check_text("$.error.message", error.message, max_chars=500)
             problems += found
-            info = ErrorInfo(code=error.code, message=message, retryable=error.retryable)
+            info = ErrorInfo(
+                code=error.code, message=message, retryable=error.retryable
+            )
         if problems:
             raise ValidationFailed(problems)
         if action is Action.FAIL and info is None:
@@ -418,13 +426,17 @@ class Generations:
         return await self.commands.override(generation, status, reason, info)
 
 
-def option_problems(settings: Settings, options: GenerationOptions) -> list[dict[str, str]]:
+def option_problems(
+    settings: Settings, options: GenerationOptions
+) -> list[dict[str, str]]:
     """Combinations the model refuses, found before anything is paid for."""
     problems = []
     rows = settings.pricing.get(options.model)
     if rows is None:
         known = ", ".join(sorted(settings.pricing))
-        problems.append({"path": "$.model", "message": f"unknown model; known: {known}"})
+        problems.append(
+            {"path": "$.model", "message": f"unknown model; known: {known}"}
+        )
     elif options.resolution not in rows:
         problems.append(
             {
@@ -446,44 +458,37 @@ def option_problems(settings: Settings, options: GenerationOptions) -> list[dict
     return problems
 
 
-async def requeue_job(tx: Transaction, generation: Generation) -> Job:
-    """Put the generation's job (made at confirm) back in the queue."""
-    now = utcnow()
-    job = await tx.get_job(generation.id)
-    if job is None:
-        job = Job(
-            id=new_id(),
-            generation_id=generation.id,
-            user_id=generation.user_id,
-            available_at=now,
-            created_at=now,
-            updated_at=now,
-        )
-    else:
-        job = msgspec.structs.replace(
-            job, state="queued", available_at=now, updated_at=now
-        )
-    await tx.upsert_job(job)
-    return job
-
-
 class DirectCommands:
-    """Apply cancel and overrides to the store; for jobs no actor runs."""
+    """Applies cancel and overrides in the store, for jobs no actor runs.
+
+    The job runtime replaces it (it also reaches running jobs' actors); on
+    its own it refuses a running job rather than write behind an actor.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def cancel(self, generation: Generation) -> Generation:
+    async def _apply(
+        self,
+        generation: Generation,
+        intent: Intent,
+        target: Status | None = None,
+    ) -> Generation:
         async with self.store.transaction() as tx:
             current = await tx.lock_generation(generation.id)
             assert current is not None
-            await _finish_job(tx, current)
-            return await tx.change(
-                current,
-                action=Action.CANCEL,
-                queue_position=None,
-                estimated_start_at=None,
+            job = await tx.get_job(current.id)
+            if job is not None and job.state == "running":
+                raise Unavailable("no job runtime is running on this instance")
+            action = Action.CANCEL if target is None else action_for(
+                current.status, target
             )
+            next_status(current.status, action)
+            _, current = await apply_command(tx, job, current, action, intent)
+            return current
+
+    async def cancel(self, generation: Generation) -> Generation:
+        return await self._apply(generation, Intent())
 
     async def override(
         self,
@@ -492,27 +497,4 @@ class DirectCommands:
         reason: str | None,
         error: ErrorInfo | None,
     ) -> Generation:
-        async with self.store.transaction() as tx:
-            current = await tx.lock_generation(generation.id)
-            assert current is not None
-            action = action_for(current.status, status)
-            fields: dict[str, Any] = {}
-            if action in (Action.FAIL, Action.CANCEL):
-                await _finish_job(tx, current)
-                fields.update(queue_position=None, estimated_start_at=None)
-            if action is Action.FAIL:
-                fields["error"] = error
-            if action in (Action.REQUEUE, Action.RETRY) or status is Status.QUEUED:
-                job = await requeue_job(tx, current)
-                fields["job_id"] = job.id
-            extra = {"reason": reason} if reason else None
-            return await tx.change(current, action=action, extra=extra, **fields)
-
-
-async def _finish_job(tx: Transaction, generation: Generation) -> None:
-    job = await tx.get_job(generation.id)
-    if job is not None and job.state != "finished":
-        await tx.upsert_job(
-            msgspec.structs.replace(job, state="finished", updated_at=utcnow())
-        )
-
+        return await self._apply(generation, Intent(reason=reason, error=error), status)

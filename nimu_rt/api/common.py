@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from nimu_rt.auth import Principal
+from nimu_rt.ids import is_id
 from nimu_rt.errors import (
     MalformedJSON,
     PayloadTooLarge,
@@ -114,15 +115,19 @@ def encode_cursor(value: str) -> str:
 
 
 def decode_cursor(raw: str | None, name: str = "cursor") -> str | None:
+    """The id inside a cursor made by :func:`encode_cursor`; 422 otherwise."""
     if raw is None or raw == "":
         return None
     try:
         padded = raw + "=" * (-len(raw) % 4)
-        return base64.urlsafe_b64decode(padded.encode()).decode()
+        value = base64.b64decode(padded.encode(), altchars=b"-_", validate=True)
+        if is_id(value.decode()):
+            return value.decode()
     except (ValueError, UnicodeDecodeError):
-        raise ValidationFailed(
-            [{"path": f"$query.{name}", "message": "not a cursor from this API"}]
-        ) from None
+        pass
+    raise ValidationFailed(
+        [{"path": f"$query.{name}", "message": "not a cursor from this API"}]
+    )
 
 
 def json_response(

@@ -55,7 +55,11 @@ async def list_generations(request: Request) -> Response:
     caller = principal(request)
     limits = services(request).settings.generations
     limit = query_int(
-        request, "limit", limits.default_page_size, minimum=1, maximum=limits.max_page_size
+        request,
+        "limit",
+        limits.default_page_size,
+        minimum=1,
+        maximum=limits.max_page_size,
     )
     statuses = []
     for raw in request.query_params.getlist("status"):

@@ -26,6 +26,7 @@ import msgspec
 
 from nimu_rt.lifecycle import Action, Status, next_status
 from nimu_rt.models import Event, EventType, Generation, Record, utcnow
+from nimu_rt.storage.base import UploadState
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,58 @@ class IdempotencyRecord(Record, kw_only=True):
 class Job(Record, kw_only=True):
     """The queue's view of a confirmed generation.
 
-    A generation has at most one job; ``retry`` re-queues the same job.
+    A generation has at most one job; ``retry`` re-queues the same job. While
+    ``state`` is ``running`` the job is leased to one instance
+    (``lease_owner``) until ``lease_expires_at``; ``lease_token`` grows with
+    every lease, and every write of a running job checks it, so an actor
+    whose lease was taken over can no longer change anything.
     """
 
     id: str
     generation_id: str
     user_id: str
     priority: int = 0
+    # queued | running | finished
     state: str = "queued"
     # Earliest time the job may be dispatched (backoff after a retryable error).
     available_at: dt.datetime
     created_at: dt.datetime
     updated_at: dt.datetime
+    queued_at: dt.datetime | None = None
+    dispatched_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    # completed | failed | cancelled, once finished
+    outcome: str | None = None
+    # The running phase: submitting | generating | uploading.
+    phase: str | None = None
+    phase_started_at: dt.datetime | None = None
+    lease_owner: str | None = None
+    lease_expires_at: dt.datetime | None = None
+    lease_token: int = 0
+    # Set just before the paid submit call; with no operation_name after a
+    # crash it means "maybe submitted", and the job must not submit again.
+    submit_started_at: dt.datetime | None = None
+    # The Veo 3 operation of this attempt, persisted before waiting on it.
+    operation_name: str | None = None
+    operation_started_at: dt.datetime | None = None
+    # Multipart upload progress, so a restarted actor resumes the upload.
+    upload: UploadState | None = None
+    # Time spent running, summed over attempts, for queue statistics.
+    run_seconds: float = 0.0
+
+
+class Instance(Record, kw_only=True):
+    """A running nimu-rt process, as it last reported itself."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    started_at: dt.datetime
+    heartbeat_at: dt.datetime
+    concurrency: int
+    draining: bool = False
+    running: int = 0
 
 
 class Migration(msgspec.Struct, frozen=True):
@@ -166,6 +207,20 @@ class Transaction(abc.ABC):
         self.events.append(event)
         return updated
 
+    # -- plain SQL ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Rows of a query written for PostgreSQL ($1 parameters).
+
+        The SQLite store rewrites the few PostgreSQL-only spellings (numbered
+        parameters, FOR UPDATE); queries shared by both stores keep to that.
+        """
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; return the number of rows it changed."""
+
     # -- idempotency and jobs ----------------------------------------------
 
     @abc.abstractmethod
@@ -177,11 +232,19 @@ class Transaction(abc.ABC):
         self, user_id: str, key: str
     ) -> IdempotencyRecord | None: ...
 
-    @abc.abstractmethod
-    async def upsert_job(self, job: Job) -> None: ...
+    async def upsert_job(self, job: Job) -> None:
+        await self.execute(UPSERT_JOB, *job_row(job))
 
-    @abc.abstractmethod
-    async def get_job(self, generation_id: str) -> Job | None: ...
+    async def get_job(self, generation_id: str) -> Job | None:
+        rows = await self.fetch(
+            "SELECT doc FROM jobs WHERE generation_id = $1", generation_id
+        )
+        return decode_job(rows[0][0]) if rows else None
+
+    async def lock_job(self, job_id: str) -> Job | None:
+        """Read a job by id and hold its row until the transaction ends."""
+        rows = await self.fetch("SELECT doc FROM jobs WHERE id = $1 FOR UPDATE", job_id)
+        return decode_job(rows[0][0]) if rows else None
 
 
 class Store(abc.ABC):
@@ -242,6 +305,18 @@ class Store(abc.ABC):
     # -- reads ---------------------------------------------------------------
 
     @abc.abstractmethod
+    async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query outside any transaction (see Transaction)."""
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, *args: Any) -> int:
+        """One statement in a transaction of its own; rows changed."""
+
+    async def get_job_by_id(self, job_id: str) -> Job | None:
+        rows = await self.fetch("SELECT doc FROM jobs WHERE id = $1", job_id)
+        return decode_job(rows[0][0]) if rows else None
+
+    @abc.abstractmethod
     async def get_generation(self, generation_id: str) -> Generation | None: ...
 
     @abc.abstractmethod
@@ -267,3 +342,56 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def counts_by_status(self) -> dict[str, int]: ...
+
+
+_job_decoder = msgspec.json.Decoder(Job)
+_encode = msgspec.json.Encoder().encode
+
+
+def decode_job(doc: str | bytes) -> Job:
+    return _job_decoder.decode(doc)
+
+
+def as_utc(value: Any) -> dt.datetime | None:
+    """A time column as an aware UTC datetime, whichever store returned it."""
+    if value is None or isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC) if value else None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+
+
+UPSERT_JOB = """
+INSERT INTO jobs (id, generation_id, user_id, priority, state, available_at,
+    created_at, updated_at, doc, queued_at, dispatched_at, finished_at, outcome,
+    phase, lease_owner, lease_expires_at, lease_token)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+ON CONFLICT (id) DO UPDATE SET priority = excluded.priority,
+    state = excluded.state, available_at = excluded.available_at,
+    updated_at = excluded.updated_at, doc = excluded.doc,
+    queued_at = excluded.queued_at, dispatched_at = excluded.dispatched_at,
+    finished_at = excluded.finished_at, outcome = excluded.outcome,
+    phase = excluded.phase, lease_owner = excluded.lease_owner,
+    lease_expires_at = excluded.lease_expires_at,
+    lease_token = excluded.lease_token
+"""
+
+
+def job_row(job: Job) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.generation_id,
+        job.user_id,
+        job.priority,
+        job.state,
+        job.available_at,
+        job.created_at,
+        job.updated_at,
+        _encode(job).decode(),
+        job.queued_at,
+        job.dispatched_at,
+        job.finished_at,
+        job.outcome,
+        job.phase,
+        job.lease_owner,
+        job.lease_expires_at,
+        job.lease_token,
+    )

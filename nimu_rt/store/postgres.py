@@ -25,7 +25,6 @@ from nimu_rt.lifecycle import Status
 from nimu_rt.models import Event, Generation
 from nimu_rt.store.base import (
     IdempotencyRecord,
-    Job,
     Store,
     Transaction,
     load_migrations,
@@ -34,7 +33,6 @@ from nimu_rt.store.base import (
 log = logging.getLogger(__name__)
 
 _generation = msgspec.json.Decoder(Generation)
-_job = msgspec.json.Decoder(Job)
 _encode = msgspec.json.Encoder().encode
 _decode_data = msgspec.json.Decoder(dict[str, Any]).decode
 
@@ -139,7 +137,8 @@ class PostgresStore(Store):
             if exists:
                 rows = await conn.fetch("SELECT version FROM schema_migrations")
                 applied = {r[0] for r in rows}
-        return [m.version for m in load_migrations("postgres") if m.version not in applied]
+        known = load_migrations("postgres")
+        return [m.version for m in known if m.version not in applied]
 
     async def migrate(self) -> list[int]:
         done = []
@@ -175,6 +174,14 @@ class PostgresStore(Store):
                 yield PostgresTransaction(conn)
 
     # -- reads -------------------------------------------------------------------
+
+    async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        async with translate_errors():
+            return [tuple(r) for r in await self.pool.fetch(sql, *args)]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self.transaction() as tx:
+            return await tx.execute(sql, *args)
 
     async def get_generation(self, generation_id: str) -> Generation | None:
         async with translate_errors():
@@ -303,30 +310,14 @@ class PostgresTransaction(Transaction):
             created_at=row[4],
         )
 
-    async def upsert_job(self, job: Job) -> None:
-        await self.conn.execute(
-            "INSERT INTO jobs (id, generation_id, user_id, priority, state,"
-            " available_at, created_at, updated_at, doc)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
-            " ON CONFLICT (id) DO UPDATE SET priority = excluded.priority,"
-            " state = excluded.state, available_at = excluded.available_at,"
-            " updated_at = excluded.updated_at, doc = excluded.doc",
-            job.id,
-            job.generation_id,
-            job.user_id,
-            job.priority,
-            job.state,
-            job.available_at,
-            job.created_at,
-            job.updated_at,
-            _encode(job).decode(),
-        )
+    async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in await self.conn.fetch(sql, *args)]
 
-    async def get_job(self, generation_id: str) -> Job | None:
-        doc = await self.conn.fetchval(
-            "SELECT doc FROM jobs WHERE generation_id = $1", generation_id
-        )
-        return None if doc is None else _job.decode(doc)
+    async def execute(self, sql: str, *args: Any) -> int:
+        status = await self.conn.execute(sql, *args)
+        # "UPDATE 3", "INSERT 0 1", "DELETE 2": the count is the last word.
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
 
 
 def _generation_row(g: Generation) -> tuple[Any, ...]:

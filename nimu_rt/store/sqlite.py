@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,6 @@ from nimu_rt.lifecycle import Status
 from nimu_rt.models import Event, Generation
 from nimu_rt.store.base import (
     IdempotencyRecord,
-    Job,
     Store,
     Transaction,
     load_migrations,
@@ -47,7 +48,6 @@ _UNAVAILABLE = (
 )
 
 _generation = msgspec.json.Decoder(Generation)
-_job = msgspec.json.Decoder(Job)
 _encode = msgspec.json.Encoder().encode
 _decode_data = msgspec.json.Decoder(dict[str, Any]).decode
 
@@ -59,6 +59,23 @@ def format_time(value: dt.datetime) -> str:
 
 def parse_time(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+
+
+# Datetime parameters are stored in the sortable text form above.
+sqlite3.register_adapter(dt.datetime, format_time)
+
+_NUMBERED = re.compile(r"\$(\d+)")
+_LOCKING = re.compile(r"\s+FOR UPDATE(?: SKIP LOCKED)?", re.I)
+
+
+@functools.lru_cache(maxsize=256)
+def sqlite_sql(sql: str) -> str:
+    """A query written for PostgreSQL in SQLite's spelling.
+
+    ``$1`` becomes ``?1`` (SQLite's numbered parameters) and row locks are
+    dropped: BEGIN IMMEDIATE already holds the whole database.
+    """
+    return _LOCKING.sub("", _NUMBERED.sub(r"?\1", sql))
 
 
 class SqliteStore(Store):
@@ -143,7 +160,8 @@ class SqliteStore(Store):
 
     async def pending_migrations(self) -> list[int]:
         applied = await self._read(self._applied)
-        return [m.version for m in load_migrations("sqlite") if m.version not in applied]
+        known = load_migrations("sqlite")
+        return [m.version for m in known if m.version not in applied]
 
     async def migrate(self) -> list[int]:
         def apply(conn: sqlite3.Connection) -> list[int]:
@@ -195,6 +213,14 @@ class SqliteStore(Store):
                 raise
 
     # -- reads -------------------------------------------------------------------
+
+    async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        query = sqlite_sql(sql)
+        return await self._read(lambda c: c.execute(query, args).fetchall())
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self.transaction() as tx:
+            return await tx.execute(sql, *args)
 
     async def get_generation(self, generation_id: str) -> Generation | None:
         return await self._read(lambda c: _get_generation(c, generation_id))
@@ -325,33 +351,13 @@ class SqliteTransaction(Transaction):
             created_at=parse_time(row[4]),
         )
 
-    async def upsert_job(self, job: Job) -> None:
-        await self._exec(
-            "INSERT INTO jobs (id, generation_id, user_id, priority, state,"
-            " available_at, created_at, updated_at, doc)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET priority = excluded.priority,"
-            " state = excluded.state, available_at = excluded.available_at,"
-            " updated_at = excluded.updated_at, doc = excluded.doc",
-            (
-                job.id,
-                job.generation_id,
-                job.user_id,
-                job.priority,
-                job.state,
-                format_time(job.available_at),
-                format_time(job.created_at),
-                format_time(job.updated_at),
-                _encode(job).decode(),
-            ),
-        )
+    async def fetch(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        cursor = await self._exec(sqlite_sql(sql), args)
+        return await self._store._run(cursor.fetchall)
 
-    async def get_job(self, generation_id: str) -> Job | None:
-        cursor = await self._exec(
-            "SELECT doc FROM jobs WHERE generation_id = ?", (generation_id,)
-        )
-        row = await self._store._run(cursor.fetchone)
-        return None if row is None else _job.decode(row[0])
+    async def execute(self, sql: str, *args: Any) -> int:
+        cursor = await self._exec(sqlite_sql(sql), args)
+        return cursor.rowcount
 
 
 def _get_generation(conn: sqlite3.Connection, generation_id: str) -> Generation | None:

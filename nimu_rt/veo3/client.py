@@ -69,6 +69,9 @@ class Veo3Client(abc.ABC):
     """One Veo 3 provider, reached over HTTP with timeouts and retries."""
 
     provider: str
+    # Seconds a generation usually takes on this provider, for progress
+    # estimates: Veo 3 reports no percentage.
+    typical_generation_s: float
 
     @abc.abstractmethod
     async def generate_video(
@@ -95,6 +98,13 @@ class Veo3Client(abc.ABC):
         Never holds the whole file in memory (unless Vertex returned it
         inline). Resuming from ``offset`` uses an HTTP Range request.
         """
+
+    async def video_size(self, video: VideoRef) -> int | None:
+        """The video's size in bytes when the provider tells it cheaply.
+
+        Used only to report upload progress; None when unknown.
+        """
+        return len(video.data) if video.data is not None else None
 
     @abc.abstractmethod
     def validate_prompt(self, prompt: str, options: GenerationOptions) -> list[str]:
