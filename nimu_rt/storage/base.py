@@ -171,6 +171,21 @@ class Storage(abc.ABC):
     async def abort_pending(self, upload: PendingUpload) -> None:
         """Abort one unfinished upload from :meth:`list_uploads` (idempotent)."""
 
+    async def abort_stale_uploads(
+        self, *, older_than: dt.datetime, prefix: str = ""
+    ) -> int:
+        """Abort unfinished uploads started before ``older_than``; say how many.
+
+        An upload a job is still writing must be younger than the cutoff, or
+        that job's upload fails (and is retried from the start).
+        """
+        stale = [
+            u for u in await self.list_uploads(prefix) if u.initiated_at < older_than
+        ]
+        for upload in stale:
+            await self.abort_pending(upload)
+        return len(stale)
+
     # -- links -----------------------------------------------------------------
 
     def public_url(self, key: str) -> str | None:

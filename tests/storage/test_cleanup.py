@@ -53,3 +53,18 @@ async def test_videos_are_deleted_with_their_thumbnails(make_storage: StorageFac
         "refs/a/x.png",
         "videos/a/2.mp4",
     ]
+
+
+async def test_the_maintenance_call_aborts_by_cutoff(make_storage: StorageFactory):
+    storage = await make_storage()
+    assert isinstance(storage, MultipartTarget)
+    await storage.create_upload("videos/a/3.mp4", content_type="video/mp4")
+    (pending,) = await storage.list_uploads()
+
+    before = await storage.abort_stale_uploads(older_than=pending.initiated_at)
+    after = await storage.abort_stale_uploads(
+        older_than=pending.initiated_at + dt.timedelta(seconds=1)
+    )
+
+    assert (before, after) == (0, 1)
+    assert await storage.list_uploads() == []
