@@ -33,7 +33,9 @@ from nimu_rt.errors import (
 )
 from nimu_rt.events.hub import Hub
 from nimu_rt.generations import Generations
+from nimu_rt.jobs.runtime import JobRuntime
 from nimu_rt.models import encode
+from nimu_rt.storage import Storage, create_storage
 from nimu_rt.store import Store, create_store
 from nimu_rt.veo3.client import Veo3Client
 from nimu_rt.veo3.factory import create_veo3_client
@@ -52,9 +54,15 @@ def default_instance_id() -> str:
 class Services:
     """Everything one running instance holds, started and stopped together."""
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        storage: Storage | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store or create_store(settings)
+        self.storage = storage or create_storage(settings)
         self.instance_id = settings.server.instance_id or default_instance_id()
         self.auth = TokenAuthority(settings, signing_secret(settings))
         self.generations = Generations(settings, self.store)
@@ -67,6 +75,8 @@ class Services:
         # Made in start(): the simulator's address is known once it listens.
         self.simulator: SimulatorServer | None = None
         self._veo3: Veo3Client | None = None
+        # The instance's actors, heartbeat and (when it leads) the queue.
+        self.runtime: JobRuntime | None = None
         self._started = False
 
     @property
@@ -113,6 +123,7 @@ class Services:
                     " run `nimu-rt migrate` (the Procfile's release step)"
                 )
         try:
+            await self.storage.open()
             await self._start_veo3()
             if self.store.kind == "postgres":
                 from nimu_rt.events.bridge import PostgresBridge
@@ -123,10 +134,23 @@ class Services:
                     self.store, self.hub, self.settings.realtime
                 )
                 await self.bridge.start()
+            self.runtime = JobRuntime(
+                self.settings,
+                self.store,
+                veo3=self.veo3,
+                storage=self.storage,
+                instance_id=self.instance_id,
+            )
+            await self.runtime.start()
+            # Cancel and overrides must reach the actors of running jobs.
+            self.generations.commands = self.runtime
         except BaseException:
+            if self.runtime is not None:
+                await self.runtime.stop()
             if self.bridge is not None:
                 await self.bridge.close()
             await self._stop_veo3()
+            await self.storage.close()
             await self.store.close()
             raise
         self.started_monotonic = time.monotonic()
@@ -143,10 +167,15 @@ class Services:
         if not self._started:
             return
         self._started = False
+        # First: the runtime's last writes (released leases) must still reach
+        # the hub and, through the bridge, the other instances.
+        if self.runtime is not None:
+            await self.runtime.stop()
         self.hub.close()
         if self.bridge is not None:
             await self.bridge.close()
         await self._stop_veo3()
+        await self.storage.close()
         await self.store.close()
         log.info(
             "instance %s stopped",

@@ -1,4 +1,4 @@
-"""The ``nimu-rt`` command: serve, migrate, token, veo3-sim.
+"""The ``nimu-rt`` command: serve, migrate, token, veo3-sim, setup-bucket.
 
 Every subcommand reads the same settings (see :mod:`nimu_rt.config`). A bad
 setting ends the command with one line on stderr naming the key, and exit
@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=8090, help="port to bind (0 picks a free one)"
     )
     sim.set_defaults(handler=cmd_veo3_sim)
+
+    setup_bucket = commands.add_parser(
+        "setup-bucket",
+        help="apply CORS and lifecycle rules to the R2 bucket",
+        description="Write the bucket's CORS rule (origins from"
+        " storage.cors_origins; Range allowed, ETag and Content-Range exposed)"
+        " and a lifecycle rule aborting multipart uploads left unfinished for"
+        " storage.abort_incomplete_after_days. Other rules are kept; running it"
+        " again changes nothing. Needs storage.backend = \"r2\".",
+    )
+    setup_bucket.set_defaults(handler=cmd_setup_bucket)
     return parser
 
 
@@ -248,6 +259,32 @@ def cmd_veo3_sim(args: argparse.Namespace) -> int:
             await server.stop()
 
     asyncio.run(run())
+    return 0
+
+
+def cmd_setup_bucket(args: argparse.Namespace) -> int:
+    from nimu_rt.errors import ConfigError
+    from nimu_rt.storage.bucket import setup_bucket
+    from nimu_rt.storage.r2 import R2Storage
+
+    settings = load_settings()
+    logs.configure(settings.logging)
+    if settings.storage.backend != "r2":
+        raise ConfigError(
+            "storage.backend: setup-bucket configures an R2 bucket; the local"
+            " backend needs no setup"
+        )
+
+    async def run() -> list[str]:
+        storage = R2Storage(settings.storage)
+        await storage.open()
+        try:
+            return await setup_bucket(storage)
+        finally:
+            await storage.close()
+
+    for line in asyncio.run(run()):
+        print(f"{settings.storage.bucket}: {line}")
     return 0
 
 

@@ -266,6 +266,82 @@ class SimulatorSettings(_Section, kw_only=True):
     safety_filter_rate: Rate01 = 0.0
 
 
+MiB = 1024 * 1024
+# R2 (like S3) refuses multipart parts under 5 MiB except the last, and
+# parts over 5 GiB.
+PartSize = Annotated[int, Meta(ge=5 * MiB, le=5 * 1024 * MiB)]
+# Empty, or path segments each ending in "/", e.g. "videos/".
+KeyPrefix = Annotated[str, Meta(pattern=r"^([A-Za-z0-9_-]+/)*$")]
+ImageType = Literal["image/png", "image/jpeg", "image/webp"]
+
+
+class StorageSettings(_Section, kw_only=True):
+    # "local": files under local_dir, served by this app at signed URLs (the
+    # embedded default). "r2": Cloudflare R2 through its S3 API.
+    backend: Literal["local", "r2"] = "local"
+    # Empty means {data_dir}/objects.
+    local_dir: str = ""
+    # R2: https://<account id>.r2.cloudflarestorage.com, the bucket, and an
+    # API token's S3 credentials.
+    endpoint_url: str = ""
+    bucket: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    # R2 ignores the region but SigV4 needs one; "auto" is R2's own name.
+    region: str = "auto"
+    # R2 accepts both; path style needs no DNS name per bucket.
+    addressing_style: Literal["path", "virtual"] = "path"
+    # A custom domain serving the bucket publicly. When set, playback links
+    # are plain public URLs there instead of presigned ones.
+    public_base_url: str = ""
+    # Connections to R2 kept open by the one client of this process: at
+    # least max_parallel_parts times the uploads running at once, plus a few
+    # for deletes and listings. A full pool makes requests wait.
+    max_connections: Annotated[int, Meta(ge=2, le=1024)] = 32
+    connect_timeout_s: PositiveFloat = 10.0
+    # Longest silence while reading a response.
+    read_timeout_s: PositiveFloat = 60.0
+    # Upper bound on one request, pool wait and body included.
+    request_timeout_s: PositiveFloat = 300.0
+    # Every part but the last has exactly this size (R2 requires equal
+    # parts); memory per upload is about part size x (parallel parts + 1).
+    part_size_bytes: PartSize = 8 * MiB
+    max_parallel_parts: Annotated[int, Meta(ge=1, le=64)] = 4
+    # Tries per request (a part, create, complete) on transient errors, and
+    # the backoff between them: base x 2^n, capped, with jitter.
+    request_attempts: Annotated[int, Meta(ge=1, le=20)] = 5
+    retry_base_delay_s: NonNegativeFloat = 0.5
+    retry_max_delay_s: NonNegativeFloat = 10.0
+    # Times a dropped source download is reopened at the byte it stopped at.
+    source_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
+    # Lifetime of signed playback links; R2's limit is 7 days.
+    signed_url_ttl_s: Annotated[int, Meta(ge=1, le=604800)] = 3600
+    # Lifetime of a presigned reference-image upload URL.
+    upload_url_ttl_s: Annotated[int, Meta(ge=1, le=604800)] = 900
+    # Largest video accepted; a larger download is refused while streaming.
+    max_video_bytes: PositiveInt = 2 * 1024 * MiB
+    # Thumbnails: a frame this far into the video (or its middle, if
+    # shorter), scaled down to at most this width.
+    thumbnail_at_s: NonNegativeFloat = 1.0
+    thumbnail_max_width: Annotated[int, Meta(ge=16, le=4096)] = 640
+    # Key prefix of stored videos and their thumbnails.
+    video_prefix: KeyPrefix = "videos/"
+    # Reference images (image-to-video): the largest accepted, and the types.
+    max_reference_image_bytes: PositiveInt = 10 * MiB
+    reference_image_types: list[ImageType] = msgspec.field(
+        default_factory=lambda: ["image/png", "image/jpeg", "image/webp"]
+    )
+    # Browser origins allowed by the bucket's CORS rule (nimu-rt setup-bucket),
+    # e.g. ["https://app.example.com"]. Empty: setup-bucket leaves CORS alone.
+    cors_origins: list[str] = msgspec.field(default_factory=list)
+    # setup-bucket's lifecycle rule: unfinished multipart uploads are aborted
+    # this many days after they started (R2's own default is 7).
+    abort_incomplete_after_days: Annotated[int, Meta(ge=1, le=365)] = 2
+    # Where a video being uploaded is copied to disk to read its metadata;
+    # empty means the system's temporary directory.
+    spool_dir: str = ""
+
+
 class LoggingSettings(_Section, kw_only=True):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
@@ -335,6 +411,9 @@ class Settings(_Section, kw_only=True):
     veo3: Veo3Settings = msgspec.field(default_factory=Veo3Settings)
     simulator: SimulatorSettings = msgspec.field(default_factory=SimulatorSettings)
     realtime: RealtimeSettings = msgspec.field(default_factory=RealtimeSettings)
+
+
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
 
     @property
     def data_path(self) -> Path:

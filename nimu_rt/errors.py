@@ -18,6 +18,7 @@ see these types::
     │   ├── CostNotAccepted        409 cost_not_accepted
     │   └── NotConfirmed           409 not_confirmed
     ├── PayloadTooLarge            413 payload_too_large
+    ├── RangeNotSatisfiable        416 range_not_satisfiable
     ├── UnsupportedMediaType       415 unsupported_media_type
     ├── ValidationFailed           422 validation_failed
     │   └── IdempotencyKeyReused   422 idempotency_key_reused
@@ -170,6 +171,28 @@ class PayloadTooLarge(NimuError):
     code = "payload_too_large"
     status = 413
     title = "Request body too large"
+
+
+class RangeNotSatisfiable(NimuError):
+    """A byte range that starts at or past the end of the object.
+
+    ``sizeBytes`` is the object's size, also sent as ``Content-Range``.
+    """
+
+    code = "range_not_satisfiable"
+    status = 416
+    title = "Range not satisfiable"
+
+    def __init__(self, size_bytes: int) -> None:
+        super().__init__(
+            f"the object has {size_bytes} bytes; the range asked for starts"
+            " past its end",
+            sizeBytes=size_bytes,
+        )
+        self.size_bytes = size_bytes
+
+    def headers(self) -> Mapping[str, str]:
+        return {"Content-Range": f"bytes */{self.size_bytes}"}
 
 
 class UnsupportedMediaType(NimuError):

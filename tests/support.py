@@ -67,6 +67,8 @@ def make_settings(
     merged: dict[str, Any] = {"server": {"data_dir": str(data_dir), "port": 0}}
     if database_url is not None:
         merged["database"] = {"url": database_url, "auto_migrate": True}
+        # A cluster shares one secret; the dev key is for the embedded default.
+        merged["auth"] = {"jwt_secret": "test-secret-shared-by-the-cluster"}
         if schema is not None:
             merged["database"]["schema_name"] = schema
     for section, values in (overrides or {}).items():

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from nimu_rt.api import generations, health, static, ws
+from nimu_rt.api import generations, health, queue, static, storage, ws
 
 
 def all_routes() -> list[BaseRoute]:
-    return [*health.routes, *generations.routes, *ws.routes, *static.routes]
+    return [
+        *health.routes,
+        *generations.routes,
+        *queue.routes,
+        *storage.routes,
+        *ws.routes,
+        *static.routes,
+    ]

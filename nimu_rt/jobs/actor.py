@@ -64,7 +64,10 @@ from nimu_rt.lifecycle import (
 )
 from nimu_rt.jobs.commands import apply_command
 from nimu_rt.models import ErrorInfo, EventType, Generation, VideoInfo, utcnow
-from nimu_rt.storage.base import Storage, StoredObject, UploadState
+from nimu_rt.storage.base import Storage, UploadState
+from nimu_rt.storage.keys import video_key
+from nimu_rt.storage.reference import load_reference_image
+from nimu_rt.storage.video import store_video
 from nimu_rt.store.base import Job, Store, Transaction
 from nimu_rt.veo3.client import (
     Failed,
@@ -78,9 +81,6 @@ from nimu_rt.veo3.client import (
 log = logging.getLogger(__name__)
 
 AMBIGUOUS_SUBMIT = "veo3_submit_ambiguous"
-REFERENCE_IMAGE_MAX_BYTES = 20 * 1024 * 1024
-_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-                ".webp": "image/webp"}
 
 
 class LeaseLost(Exception):
@@ -109,10 +109,6 @@ class _PhaseDeadline(Exception):
         self.phase = phase
 
 
-# Finalising a stored video: metadata and thumbnail (the storage module's).
-Finalizer = Callable[[Storage, StoredObject, Generation], Awaitable[VideoInfo]]
-
-
 @dataclasses.dataclass
 class ActorContext:
     """What every actor of an instance shares."""
@@ -122,7 +118,6 @@ class ActorContext:
     veo3: Veo3Client
     storage: Storage
     instance_id: str
-    finalize: Finalizer
     # Called when the actor ends, whatever the outcome.
     on_exit: Callable[[JobActor], None]
 
@@ -352,9 +347,9 @@ class JobActor:
         key = generation.options.reference_image_key
         if key is None:
             return None
-        data = await self.ctx.storage.read_bytes(key, max_bytes=REFERENCE_IMAGE_MAX_BYTES)
-        suffix = key[key.rfind(".") :].lower() if "." in key else ""
-        return ImageInput(data=data, mime_type=_IMAGE_TYPES.get(suffix, "image/png"))
+        return await load_reference_image(
+            self.ctx.storage, key, self.ctx.settings.storage
+        )
 
     async def _generate(self, job: Job, generation: Generation) -> VideoRef:
         """Poll until the operation ends; report estimated progress meanwhile."""
@@ -428,8 +423,9 @@ class JobActor:
                 raise Veo3Retryable("the operation is not finished yet")
 
     async def _upload(self, job: Job, generation: Generation, video: VideoRef) -> None:
-        queue = self.ctx.settings.queue
-        key = video_key(generation)
+        """Stream the video into storage, then record it: ``completed``."""
+        settings = self.ctx.settings
+        key = video_key(settings.storage.video_prefix, generation.user_id, generation.id)
         total = await self.ctx.veo3.video_size(video)
         self._progress.reset(generation.progress)
 
@@ -441,16 +437,19 @@ class JobActor:
             self._progress.report(uploading_progress(bytes_done, total))
 
         try:
-            async with asyncio.timeout(self._remaining_s(job, queue.uploading_deadline_s)):
-                stored = await self.ctx.storage.upload_stream(
+            async with asyncio.timeout(
+                self._remaining_s(job, settings.queue.uploading_deadline_s)
+            ):
+                info = await store_video(
+                    self.ctx.storage,
                     key,
                     lambda offset: self.ctx.veo3.download(video, offset=offset),
-                    content_type=video.mime_type or "video/mp4",
+                    settings=settings.storage,
                     state=job.upload if job.upload and job.upload.key == key else None,
                     on_state=save_state,
                     on_progress=on_progress,
+                    generation_id=generation.id,
                 )
-                info = await self.ctx.finalize(self.ctx.storage, stored, generation)
         except TimeoutError:
             raise _PhaseDeadline("uploading") from None
         await self._progress.flush()
@@ -463,8 +462,11 @@ class JobActor:
                 progress=PROGRESS_COMPLETE,
                 error=None,
             )
-        log.info("video stored at %s", key, extra={"action": "job.completed",
-                                                   **self._log_ids})
+        log.info(
+            "video stored at %s",
+            key,
+            extra={"action": "job.completed", **self._log_ids},
+        )
 
     async def _abort_upload(self) -> None:
         """Discard a half-written multipart upload; bounded and shielded."""
@@ -685,10 +687,6 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
     if not task.done():
         task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-
-
-def video_key(generation: Generation) -> str:
-    return f"videos/{generation.user_id}/{generation.id}.mp4"
 
 
 def backoff_s(

@@ -320,6 +320,11 @@ class PostgresCluster(Cluster):
                 if conn is not None:
                     conn.terminate()
                 await asyncio.sleep(self._retry_s)
+            except BaseException:
+                # Cancelled while waiting its turn (the instance stops).
+                if conn is not None:
+                    conn.terminate()
+                raise
 
     async def _hold(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         # If the lock's connection stops answering we must assume another

@@ -23,7 +23,8 @@ import datetime as dt
 import logging
 import os
 import socket
-from typing import Any, Literal
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -36,7 +37,6 @@ from nimu_rt.jobs.actor import (
     ActorCommand,
     ActorContext,
     ActorGone,
-    Finalizer,
     JobActor,
 )
 from nimu_rt.jobs.cluster import (
@@ -60,6 +60,7 @@ from nimu_rt.store.base import Instance, Job, Store
 from nimu_rt.veo3.client import Veo3Client
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Statuses after which the coordinator may have something to do: a job
 # joined the queue, or a slot was freed.
@@ -76,7 +77,6 @@ class JobRuntime:
         *,
         veo3: Veo3Client,
         storage: Storage,
-        finalize: Finalizer,
         instance_id: str,
     ) -> None:
         self.settings = settings
@@ -95,7 +95,6 @@ class JobRuntime:
             veo3=veo3,
             storage=storage,
             instance_id=instance_id,
-            finalize=finalize,
             on_exit=self._actor_exited,
         )
         self._replies: dict[str, asyncio.Future[Reply]] = {}
@@ -116,22 +115,39 @@ class JobRuntime:
         ]
 
     async def stop(self) -> None:
-        """Hand this instance's jobs back to the cluster; safe to call twice."""
+        """Hand this instance's jobs back to the cluster; safe to call twice.
+
+        Each step is attempted even when the store is already gone, so that
+        no task or connection outlives the instance.
+        """
         if not self._running:
             return
         self._running = False
-        await queries.update_instance(self.store, self.instance_id, draining=True)
+        await self._quietly(
+            queries.update_instance(self.store, self.instance_id, draining=True)
+        )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         actors = list(self.actors.values())
         await asyncio.gather(*(a.stop() for a in actors), return_exceptions=True)
-        released = await self._release_leases()
-        if released:
-            await self._send_quietly(LEADER, Wake(reason="instance stopping"))
-        await self.cluster.stop()
-        await self.store.execute("DELETE FROM instances WHERE id = $1", self.instance_id)
+        try:
+            if await self._quietly(self._release_leases()):
+                await self._send_quietly(LEADER, Wake(reason="instance stopping"))
+        finally:
+            await self.cluster.stop()
+        await self._quietly(
+            self.store.execute("DELETE FROM instances WHERE id = $1", self.instance_id)
+        )
+
+    async def _quietly(self, work: Awaitable[T]) -> T | None:
+        """Shutdown work that may fail because the store is already gone."""
+        try:
+            return await work
+        except NimuError as exc:
+            log.warning("while stopping: %s", exc, extra={"action": "instance.stop"})
+            return None
 
     async def _release_leases(self) -> int:
         now = utcnow()

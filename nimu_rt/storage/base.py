@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from msgspec import Struct
 
@@ -67,6 +68,26 @@ class PresignedUpload(Struct, frozen=True, kw_only=True, rename="camel"):
     headers: dict[str, str]
     expires_at: dt.datetime
     max_bytes: int
+
+
+class ObjectInfo(Struct, frozen=True, kw_only=True, rename="camel"):
+    """What a listing or a HEAD request tells about a stored object."""
+
+    key: str
+    size_bytes: int
+    modified_at: dt.datetime
+    content_type: str | None = None
+    # From the object's metadata; None on listings, which do not carry it.
+    sha256: str | None = None
+    etag: str | None = None
+
+
+class PendingUpload(Struct, frozen=True, kw_only=True, rename="camel"):
+    """A multipart upload that was started and neither completed nor aborted."""
+
+    key: str
+    upload_id: str
+    initiated_at: dt.datetime
 
 
 class Storage(abc.ABC):
@@ -124,3 +145,70 @@ class Storage(abc.ABC):
         self, key: str, *, content_type: str, max_bytes: int, expires_s: int
     ) -> PresignedUpload:
         """A URL a browser can upload one object to."""
+
+    # -- reading, listing and cleaning up ------------------------------------
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Size, type and checksum of ``key``; None when it does not exist."""
+
+    @abc.abstractmethod
+    def read_stream(self, key: str, *, offset: int = 0) -> AsyncIterator[bytes]:
+        """Stream the bytes of ``key`` from ``offset`` on, in chunks.
+
+        Raises NotFound when the object does not exist.
+        """
+
+    @abc.abstractmethod
+    def iter_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order."""
+
+    @abc.abstractmethod
+    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Unfinished multipart uploads under ``prefix``, oldest first."""
+
+    @abc.abstractmethod
+    async def abort_pending(self, upload: PendingUpload) -> None:
+        """Abort one unfinished upload from :meth:`list_uploads` (idempotent)."""
+
+    async def abort_stale_uploads(
+        self, *, older_than: dt.datetime, prefix: str = ""
+    ) -> int:
+        """Abort unfinished uploads started before ``older_than``; say how many.
+
+        An upload a job is still writing must be younger than the cutoff, or
+        that job's upload fails (and is retried from the start).
+        """
+        stale = [
+            u for u in await self.list_uploads(prefix) if u.initiated_at < older_than
+        ]
+        for upload in stale:
+            await self.abort_pending(upload)
+        return len(stale)
+
+    # -- links -----------------------------------------------------------------
+
+    def public_url(self, key: str) -> str | None:
+        """A permanent public URL of ``key``, when the bucket is served publicly.
+
+        None unless a public base URL is configured.
+        """
+        return None
+
+    async def playback_url(
+        self, key: str, *, expires_s: int
+    ) -> tuple[str, dt.datetime | None]:
+        """A URL to play ``key`` and when it expires (None: it does not).
+
+        The public URL when there is one, else a signed URL.
+        """
+        public = self.public_url(key)
+        if public is not None:
+            return public, None
+        url = await self.signed_url(key, expires_s=expires_s)
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_s)
+        return url, expires.replace(microsecond=0)
+
+    def local_path(self, key: str) -> Path | None:
+        """The file holding ``key`` on this machine, if the backend has one."""
+        return None

@@ -61,7 +61,11 @@ async def test_snapshot_etag_and_304(api: Api):
 
 
 async def test_events_page_after_a_seq(api: Api):
-    generation = await confirmed(api)
+    # Created, then cancelled: exactly two events, whatever the queue does.
+    generation = await api.create(prompt=CLEAR_PROMPT)
+    await api.client.post(
+        f"/api/generations/{generation['id']}/cancel", headers=api.headers()
+    )
     url = f"/api/generations/{generation['id']}/events"
 
     r = await api.client.get(url, params={"sinceSeq": 0, "limit": 1},

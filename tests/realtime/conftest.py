@@ -1,8 +1,10 @@
 """Helpers for the real-time tests: WebSocket clients and a generation driver.
 
-The job runtime is not needed here: a generation is driven through its
-lifecycle with the operator's status override route, and progress is written
-through a store transaction, exactly as an actor would.
+Here a generation is driven through its lifecycle by hand, one step at a
+time, with the operator's status override route, and progress is written
+through a store transaction, exactly as an actor would. The queue is paused
+so that no actor runs the job meanwhile; the real pipeline seen over the
+WebSocket is tested in tests/jobs.
 """
 
 from __future__ import annotations
@@ -94,7 +96,11 @@ async def open_ws(
 
 
 async def queued_generation(api: Api, user: str = "alice") -> dict[str, Any]:
-    """A generation confirmed and waiting in the queue (seq 2)."""
+    """A generation confirmed and waiting in the paused queue (seq 3).
+
+    Returned once the coordinator published its place in line (seq 3), so
+    that no event of the queue's arrives in the middle of a test.
+    """
     created = await api.create(user=user, prompt=CLEAR_PROMPT)
     r = await api.client.post(
         f"/api/generations/{created['id']}/confirm",
@@ -102,6 +108,14 @@ async def queued_generation(api: Api, user: str = "alice") -> dict[str, Any]:
         headers=api.headers(user),
     )
     assert r.status_code == 200, r.text
+    confirmed = r.json()
+    r = await api.client.get(
+        f"/api/generations/{created['id']}",
+        params={"waitSeconds": WAIT_S, "sinceSeq": confirmed["seq"]},
+        headers=api.headers(user),
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["queuePosition"] is not None
     return r.json()
 
 
@@ -150,6 +164,23 @@ async def wait_until(predicate: Callable[[], bool], what: str) -> None:
         while not predicate():
             await asyncio.sleep(0.01)
     assert predicate(), what
+
+
+@pytest.fixture
+def api_factory(api_factory: Callable[..., Any]) -> Callable[..., Any]:
+    """The shared factory, with the queue paused in every app it starts."""
+
+    async def start(overrides: dict[str, Any] | None = None) -> Api:
+        api = await api_factory(overrides)
+        await api.pause_queue()
+        return api
+
+    return start
+
+
+@pytest.fixture
+async def api(api_factory: Callable[..., Any]) -> Api:
+    return await api_factory()
 
 
 @pytest.fixture

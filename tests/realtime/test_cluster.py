@@ -35,7 +35,7 @@ async def test_a_subscriber_on_one_instance_sees_changes_made_on_the_other(pair)
     a, b = pair
     gid = (await queued_generation(a))["id"]
     async with open_ws(b) as ws, open_ws(b) as user_ws:
-        assert (await ws.subscribe(f"generation:{gid}"))["seq"] == 2
+        assert (await ws.subscribe(f"generation:{gid}"))["seq"] == 3
         await user_ws.subscribe("user:alice")
         expected = []
         for status in LIFECYCLE:
@@ -59,7 +59,7 @@ async def test_a_long_poll_on_one_instance_wakes_for_the_other(pair):
     poll = asyncio.create_task(
         b.client.get(
             f"/api/generations/{gid}",
-            params={"waitSeconds": WAIT_S * 2, "sinceSeq": 2},
+            params={"waitSeconds": WAIT_S * 2, "sinceSeq": 3},
             headers=b.headers(),
             timeout=WAIT_S * 3,
         )
@@ -102,7 +102,7 @@ async def test_a_rolled_back_change_is_never_announced(pair):
         seq = await set_progress(a, gid, 3)
         event = await ws.event()
         assert (event["seq"], event["data"]) == (seq, {"progress": 3})
-        assert seq == 3
+        assert seq == 4
 
 
 async def test_queue_messages_reach_operators_on_every_instance(pair):
@@ -125,7 +125,7 @@ async def test_after_the_listen_connection_drops_subscribers_catch_up(pair, pg_u
     async with open_ws(b) as ws:
         await ws.subscribe(f"generation:{gid}")
         await set_progress(a, gid, 1)
-        assert (await ws.event())["seq"] == 3
+        assert (await ws.event())["seq"] == 4
 
         # Kill B's LISTEN connection, then change things right away: these
         # notifications are lost to B, which must catch up from the store.
@@ -142,7 +142,7 @@ async def test_after_the_listen_connection_drops_subscribers_catch_up(pair, pg_u
         seqs = []
         while not seqs or seqs[-1] < last:
             seqs.append((await ws.event())["seq"])
-        assert seqs == list(range(4, last + 1))
+        assert seqs == list(range(5, last + 1))
         await wait_until(lambda: bridge.reconnects >= 1, "B never listened again")
         assert bridge.listener_pid not in (None, pid)
 

@@ -20,17 +20,17 @@ async def test_if_none_match_answers_304_until_something_changes(api: Api):
     gid = (await queued_generation(api))["id"]
     url = f"/api/generations/{gid}"
     r = await api.client.get(url, headers=api.headers())
-    assert r.headers["etag"] == '"2"'
+    assert r.headers["etag"] == '"3"'
 
-    r = await api.client.get(url, headers={**api.headers(), "If-None-Match": '"2"'})
+    r = await api.client.get(url, headers={**api.headers(), "If-None-Match": '"3"'})
     assert r.status_code == 304
-    assert r.headers["etag"] == '"2"'
+    assert r.headers["etag"] == '"3"'
     assert r.content == b""
 
     await set_status(api, gid, "submitting")
-    r = await api.client.get(url, headers={**api.headers(), "If-None-Match": '"2"'})
+    r = await api.client.get(url, headers={**api.headers(), "If-None-Match": '"3"'})
     assert r.status_code == 200
-    assert r.headers["etag"] == '"3"'
+    assert r.headers["etag"] == '"4"'
     assert r.json()["status"] == "submitting"
 
 
@@ -40,7 +40,7 @@ async def test_a_long_poll_returns_as_soon_as_the_generation_changes(api: Api):
     poll = asyncio.create_task(
         api.client.get(
             f"/api/generations/{gid}",
-            params={"waitSeconds": WAIT_S * 2, "sinceSeq": 2},
+            params={"waitSeconds": WAIT_S * 2, "sinceSeq": 3},
             headers=api.headers(),
             timeout=WAIT_S * 3,
         )
@@ -52,8 +52,8 @@ async def test_a_long_poll_returns_as_soon_as_the_generation_changes(api: Api):
     async with asyncio.timeout(WAIT_S):
         r = await poll
     assert r.status_code == 200
-    assert r.headers["etag"] == '"3"'
-    assert (r.json()["seq"], r.json()["progress"]) == (3, 7)
+    assert r.headers["etag"] == '"4"'
+    assert (r.json()["seq"], r.json()["progress"]) == (4, 7)
     assert hub.waiting(gid) == 0
 
 
@@ -61,17 +61,17 @@ async def test_a_long_poll_with_nothing_new_answers_304_after_the_wait(api: Api)
     gid = (await queued_generation(api))["id"]
     r = await api.client.get(
         f"/api/generations/{gid}",
-        params={"waitSeconds": 0.2, "sinceSeq": 2},
+        params={"waitSeconds": 0.2, "sinceSeq": 3},
         headers=api.headers(),
     )
     assert r.status_code == 304
-    assert r.headers["etag"] == '"2"'
+    assert r.headers["etag"] == '"3"'
 
     # The ETag can stand in for sinceSeq.
     r = await api.client.get(
         f"/api/generations/{gid}",
         params={"waitSeconds": 0.2},
-        headers={**api.headers(), "If-None-Match": 'W/"2"'},
+        headers={**api.headers(), "If-None-Match": 'W/"3"'},
     )
     assert r.status_code == 304
 
@@ -85,7 +85,7 @@ async def test_a_long_poll_behind_the_current_seq_answers_at_once(api: Api):
             headers=api.headers(),
         )
         assert r.status_code == 200
-        assert r.json()["seq"] == 2
+        assert r.json()["seq"] == 3
 
 
 async def test_the_wait_is_capped_by_configuration(api_factory):
@@ -93,7 +93,7 @@ async def test_the_wait_is_capped_by_configuration(api_factory):
     gid = (await queued_generation(api))["id"]
     r = await api.client.get(
         f"/api/generations/{gid}",
-        params={"waitSeconds": 3600, "sinceSeq": 2},
+        params={"waitSeconds": 3600, "sinceSeq": 3},
         headers=api.headers(),
     )
     assert r.status_code == 304
@@ -103,9 +103,9 @@ async def test_bad_long_poll_requests_are_refused(api: Api):
     gid = (await queued_generation(api))["id"]
     url = f"/api/generations/{gid}"
     for params, path in [
-        ({"waitSeconds": "soon", "sinceSeq": 2}, "$query.waitSeconds"),
-        ({"waitSeconds": -1, "sinceSeq": 2}, "$query.waitSeconds"),
-        ({"waitSeconds": "nan", "sinceSeq": 2}, "$query.waitSeconds"),
+        ({"waitSeconds": "soon", "sinceSeq": 3}, "$query.waitSeconds"),
+        ({"waitSeconds": -1, "sinceSeq": 3}, "$query.waitSeconds"),
+        ({"waitSeconds": "nan", "sinceSeq": 3}, "$query.waitSeconds"),
         ({"waitSeconds": 5, "sinceSeq": "x"}, "$query.sinceSeq"),
         ({"waitSeconds": 5}, "$query.sinceSeq"),
     ]:
@@ -116,7 +116,7 @@ async def test_bad_long_poll_requests_are_refused(api: Api):
 
     # Another user's generation is not found, with or without waiting.
     r = await api.client.get(
-        url, params={"waitSeconds": 5, "sinceSeq": 2}, headers=api.headers("bob")
+        url, params={"waitSeconds": 5, "sinceSeq": 3}, headers=api.headers("bob")
     )
     assert r.status_code == 404
 
@@ -128,7 +128,7 @@ async def test_a_long_poll_whose_client_leaves_is_released(api: Api):
         poll = asyncio.create_task(
             tab.get(
                 f"/api/generations/{gid}",
-                params={"waitSeconds": WAIT_S * 2, "sinceSeq": 2},
+                params={"waitSeconds": WAIT_S * 2, "sinceSeq": 3},
                 headers=api.headers(),
             )
         )

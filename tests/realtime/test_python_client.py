@@ -38,6 +38,12 @@ async def test_rest_calls_create_clarify_confirm_get(api: Api):
 
         generation = await client.confirm(generation.id, generation.cost_estimate.usd)
         assert generation.status == "queued"
+        # The (paused) queue publishes its place in line next.
+        generation = await client.get(
+            generation.id, since_seq=generation.seq, wait_s=WAIT_S
+        )
+        assert generation is not None
+        assert generation.queue_position == 1
         assert (await client.get(generation.id)).seq == generation.seq
         # Unchanged since the seq we hold: nothing to decode.
         assert await client.get(generation.id, since_seq=generation.seq) is None
@@ -46,7 +52,7 @@ async def test_rest_calls_create_clarify_confirm_get(api: Api):
             is None
         )
         history = [e async for e in client.events(generation.id)]
-        assert [e.seq for e in history] == [1, 2, 3]
+        assert [e.seq for e in history] == [1, 2, 3, 4]
 
 
 async def test_the_feed_resumes_by_itself_after_the_network_drops(
@@ -80,7 +86,7 @@ async def test_the_feed_resumes_by_itself_after_the_network_drops(
             updates += [u async for u in feed]  # ends at the terminal status
 
     assert proxy.accepted >= 2
-    assert [u.event.seq for u in updates] == list(range(3, 10))
+    assert [u.event.seq for u in updates] == list(range(4, 11))
     assert [u.event.type for u in updates] == [
         "status", "status", "progress", "updated", "progress", "status", "status"
     ]

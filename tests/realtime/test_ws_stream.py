@@ -24,9 +24,9 @@ async def test_snapshot_then_every_event_of_a_whole_generation(api: Api):
         subscribed = await ws.subscribe(topic)
         assert subscribed["op"] == "subscribed"
         assert subscribed["topic"] == topic
-        assert subscribed["seq"] == 2
+        assert subscribed["seq"] == 3
         assert subscribed["snapshot"]["status"] == "queued"
-        assert subscribed["snapshot"]["seq"] == 2
+        assert subscribed["snapshot"]["seq"] == 3
 
         # Each change is seen live before the next one is made.
         seen = []
@@ -49,7 +49,7 @@ async def test_snapshot_then_every_event_of_a_whole_generation(api: Api):
                 )
                 seen.append(event)
 
-    assert [e["seq"] for e in seen] == list(range(3, 3 + len(seen)))
+    assert [e["seq"] for e in seen] == list(range(4, 4 + len(seen)))
     assert {e["topic"] for e in seen} == {topic}
     assert {e["generationId"] for e in seen} == {gid}
     assert seen[0]["data"]["previousStatus"] == "queued"
@@ -116,13 +116,13 @@ async def test_resume_while_events_keep_coming_is_gapless(api: Api):
 
     async with open_ws(api) as ws:
         writing = asyncio.create_task(writer())
-        answer = await ws.subscribe(topic, since_seq=3)
-        assert answer["op"] == "subscribed" and answer["seq"] == 3
+        answer = await ws.subscribe(topic, since_seq=4)
+        assert answer["op"] == "subscribed" and answer["seq"] == 4
         last = await writing
         seqs = []
         while not seqs or seqs[-1] < last:
             seqs.append((await ws.event())["seq"])
-        assert seqs == list(range(4, last + 1))
+        assert seqs == list(range(5, last + 1))
         assert await ws.until_pong() == []
 
 
@@ -131,12 +131,12 @@ async def test_reset_with_a_fresh_snapshot_when_history_was_pruned(api: Api):
     topic = f"generation:{gid}"
     await set_status(api, gid, "submitting")
     await set_status(api, gid, "generating")
-    current = await set_progress(api, gid, 20)  # seq 5
-    await prune(api, gid, up_to_seq=3)
+    current = await set_progress(api, gid, 20)  # seq 6
+    await prune(api, gid, up_to_seq=4)
 
     async with open_ws(api) as ws:
-        # Events 3.. are needed but 3 is gone: no partial replay.
-        reset = await ws.subscribe(topic, since_seq=2)
+        # Events 4.. are needed but 4 is gone: no partial replay.
+        reset = await ws.subscribe(topic, since_seq=3)
         assert reset["op"] == "reset"
         assert reset["seq"] == current
         assert reset["snapshot"]["status"] == "generating"
@@ -148,13 +148,13 @@ async def test_reset_with_a_fresh_snapshot_when_history_was_pruned(api: Api):
 
     async with open_ws(api) as ws:
         # History from 4 on is still there: a normal resume.
-        answer = await ws.subscribe(topic, since_seq=3)
+        answer = await ws.subscribe(topic, since_seq=4)
         assert answer["op"] == "subscribed" and answer["snapshot"] is None
-        assert [(await ws.event())["seq"] for _ in range(3)] == [4, 5, 6]
+        assert [(await ws.event())["seq"] for _ in range(3)] == [5, 6, 7]
 
     async with open_ws(api) as ws:
         # A seq the generation never reached (another database?): reset.
-        reset = await ws.subscribe(topic, since_seq=99)
+        reset = await ws.subscribe(topic, since_seq=100)
         assert reset["op"] == "reset" and reset["seq"] == current + 1
 
 
@@ -165,13 +165,13 @@ async def test_a_resume_further_behind_than_the_replay_limit_resets(api_factory)
         last = await note(api, gid, str(i))  # seqs 3..6
 
     async with open_ws(api) as ws:
-        reset = await ws.subscribe(f"generation:{gid}", since_seq=2)
+        reset = await ws.subscribe(f"generation:{gid}", since_seq=3)
         assert reset["op"] == "reset" and reset["seq"] == last
         assert await ws.until_pong() == []
     async with open_ws(api) as ws:
-        answer = await ws.subscribe(f"generation:{gid}", since_seq=3)
+        answer = await ws.subscribe(f"generation:{gid}", since_seq=4)
         assert answer["op"] == "subscribed"
-        assert [(await ws.event())["seq"] for _ in range(3)] == [4, 5, 6]
+        assert [(await ws.event())["seq"] for _ in range(3)] == [5, 6, 7]
 
 
 async def test_the_user_topic_carries_every_generation_of_the_user(api: Api):
@@ -180,7 +180,7 @@ async def test_the_user_topic_carries_every_generation_of_the_user(api: Api):
         subscribed = await ws.subscribe("user:alice")
         assert subscribed["op"] == "subscribed" and subscribed["seq"] is None
         snapshot = subscribed["snapshot"]["generations"]
-        assert [(g["id"], g["seq"]) for g in snapshot] == [(first["id"], 2)]
+        assert [(g["id"], g["seq"]) for g in snapshot] == [(first["id"], 3)]
 
         second = await api.create(prompt="A lighthouse in a storm, wide aerial shot")
         created = await ws.event()
@@ -190,7 +190,7 @@ async def test_the_user_topic_carries_every_generation_of_the_user(api: Api):
         assert created["data"]["prompt"] == second["prompt"]
         await set_status(api, first["id"], "submitting")
         status = await ws.event()
-        assert (status["generationId"], status["seq"]) == (first["id"], 3)
+        assert (status["generationId"], status["seq"]) == (first["id"], 4)
 
         # Another user's changes never show up here.
         await api.create(user="bob", prompt="A bob's own video of a quiet harbour")
