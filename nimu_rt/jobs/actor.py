@@ -34,7 +34,7 @@ import dataclasses
 import datetime as dt
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -63,7 +63,7 @@ from nimu_rt.lifecycle import (
     uploading_progress,
 )
 from nimu_rt.jobs.commands import apply_command
-from nimu_rt.models import ErrorInfo, EventType, Generation, VideoInfo, utcnow
+from nimu_rt.models import ErrorInfo, EventType, Generation, utcnow
 from nimu_rt.storage.base import Storage, UploadState
 from nimu_rt.storage.keys import video_key
 from nimu_rt.storage.reference import load_reference_image
@@ -299,7 +299,8 @@ class JobActor:
             job = msgspec.structs.replace(job, submit_started_at=utcnow())
             await tx.upsert_job(job)
         # 2. Submit, within the phase deadline.
-        remaining = self._remaining_s(job, self.ctx.settings.queue.submitting_deadline_s)
+        queue = self.ctx.settings.queue
+        remaining = self._remaining_s(job, queue.submitting_deadline_s)
         try:
             async with asyncio.timeout(remaining):
                 image = await self._reference_image(generation)
@@ -369,7 +370,9 @@ class JobActor:
                     match result:
                         case Running():
                             elapsed = (utcnow() - started).total_seconds()
-                            self._progress.report(generating_progress(elapsed, typical_s))
+                            self._progress.report(
+                                generating_progress(elapsed, typical_s)
+                            )
                             await asyncio.sleep(self.ctx.veo3.next_poll_delay_s(polls))
                         case Succeeded(video=video):
                             break
@@ -400,7 +403,9 @@ class JobActor:
             try:
                 return await self.ctx.veo3.poll(name)
             except Veo3Retryable as exc:
-                delay = max(exc.retry_after_s or 0.0, self.ctx.veo3.next_poll_delay_s(polls))
+                delay = max(
+                    exc.retry_after_s or 0.0, self.ctx.veo3.next_poll_delay_s(polls)
+                )
                 log.warning(
                     "poll failed (%s); again in %.1f s",
                     exc.code,
@@ -425,7 +430,9 @@ class JobActor:
     async def _upload(self, job: Job, generation: Generation, video: VideoRef) -> None:
         """Stream the video into storage, then record it: ``completed``."""
         settings = self.ctx.settings
-        key = video_key(settings.storage.video_prefix, generation.user_id, generation.id)
+        key = video_key(
+            settings.storage.video_prefix, generation.user_id, generation.id
+        )
         total = await self.ctx.veo3.video_size(video)
         self._progress.reset(generation.progress)
 

@@ -131,7 +131,9 @@ class Cluster:
                     seq = r.json()["seq"]
 
     async def owner(self, via: Process, job_id: str) -> Process:
-        r = await self.http.get(f"{via.url}/api/queue/jobs/{job_id}", headers=self.admin)
+        r = await self.http.get(
+            f"{via.url}/api/queue/jobs/{job_id}", headers=self.admin
+        )
         return self.instances[r.json()["instanceId"]]
 
     async def submissions(self, prompt: str) -> int:

@@ -107,7 +107,8 @@ async def test_the_job_view_and_queue_stats_follow_the_job(fast_api):
     assert stats["spendUsd"]["total"] == pytest.approx(3.2)
     assert stats["depth"]["total"] == 0
     assert stats["coordinator"] == api.services.instance_id
-    assert (await api.client.get("/api/queue", headers=api.headers())).status_code == 403
+    r = await api.client.get("/api/queue", headers=api.headers())
+    assert r.status_code == 403
 
 
 @pytest.mark.parametrize("phase", ["queued", "submitting", "generating", "uploading"])
@@ -212,7 +213,9 @@ async def test_a_safety_filtered_result_fails_with_the_reasons(fast_api):
     )
     assert r.json()["status"] == "queued"
     again = await wait_for(
-        api, generation["id"], lambda g: g["status"] == "failed" and g["seq"] > done["seq"]
+        api,
+        generation["id"],
+        lambda g: g["status"] == "failed" and g["seq"] > done["seq"],
     )
     assert again["attempts"] == 1
     assert (await simulator_stats(api))["submissions"]["byPrompt"] == {prompt: 2}
