@@ -254,17 +254,22 @@ async def test_an_ambiguous_submit_is_never_sent_twice(fast_api, marker):
 
 
 @pytest.mark.parametrize(
-    ("phase", "marker", "code"),
+    ("phase", "marker", "deadline_s", "code"),
     [
-        ("submitting", "[sim:slow]", "submission_uncertain"),
-        ("generating", "[sim:gen=60]", "generation_timeout"),
-        ("uploading", "[sim:bytes=30000000] [sim:rate=2000000]", "uploading_timeout"),
+        ("submitting", "[sim:slow]", 0.5, "submission_uncertain"),
+        ("generating", "[sim:gen=60]", 0.5, "generation_timeout"),
+        # Long enough for a 5 MiB part or two to be stored, which must then
+        # be discarded.
+        ("uploading", "[sim:bytes=30000000] [sim:rate=4000000]", 3.5,
+         "uploading_timeout"),
     ],
 )
-async def test_a_phase_past_its_deadline_ends_the_job(fast_api, phase, marker, code):
+async def test_a_phase_past_its_deadline_ends_the_job(
+    fast_api, phase, marker, deadline_s, code
+):
     api: Api = await fast_api(
         {
-            "queue": {f"{phase}_deadline_s": 0.5, "max_attempts": 1},
+            "queue": {f"{phase}_deadline_s": deadline_s, "max_attempts": 1},
             "simulator": {"slow_s": 30.0},
             "veo3": {"request_timeout_s": 60.0},
             "storage": {"part_size_bytes": 5 * 1024 * 1024},
@@ -278,7 +283,10 @@ async def test_a_phase_past_its_deadline_ends_the_job(fast_api, phase, marker, c
     assert done["error"]["code"] == code
     history = await events(api, generation["id"])
     assert statuses(history)[-2] == phase
+    if phase == "uploading":
+        assert max(e["data"].get("progress", 0) for e in history) > 85
     assert await api.services.storage.list_uploads() == []
+    assert [o async for o in api.services.storage.iter_objects("videos/")] == []
 
 
 async def test_pause_resume_and_clear_over_http(fast_api):
