@@ -60,6 +60,9 @@ class JwksCache:
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._lock = asyncio.Lock()
+        # Fetches finished (or failed); a lookup that waited for the lock
+        # while one finished has nothing left to fetch.
+        self._completed = 0
         # Fetches made, for operators and tests.
         self.fetches = 0
 
@@ -104,9 +107,9 @@ class JwksCache:
         )
 
     async def _refresh(self) -> None:
-        attempted = self._attempted_at
+        completed = self._completed
         async with self._lock:
-            if self._attempted_at != attempted:
+            if self._completed != completed:
                 return  # another lookup fetched while this one waited
             self._attempted_at = time.monotonic()
             self.fetches += 1
@@ -121,6 +124,8 @@ class JwksCache:
                     extra={"action": "auth.jwks_error"},
                 )
                 return
+            finally:
+                self._completed += 1
             self._keys = keys
             self._fetched_at = time.monotonic()
             log.info(

@@ -292,15 +292,19 @@ class RateLimitMiddleware:
         if not decision.allowed:
             if self.metrics is not None:
                 self.metrics.rate_limited.labels(decision.limited_by or "").inc()
+            who = "address" if decision.limited_by == "ip" else "user"
+            error = RateLimited(
+                f"too many requests from this {who}; try again in"
+                f" {decision.retry_after_s} s",
+                retry_after_s=decision.retry_after_s,
+            )
+            # Which bucket ran dry: "user" or "ip".
+            error.extra["limit"] = decision.limited_by
             await send_problem(
                 scope,
                 receive,
                 send,
-                RateLimited(
-                    f"too many requests for this {decision.limited_by}; try again"
-                    f" in {decision.retry_after_s} s",
-                    retry_after_s=decision.retry_after_s,
-                ),
+                error,
                 {k.decode(): v.decode() for k, v in headers},
             )
             return

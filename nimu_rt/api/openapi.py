@@ -211,7 +211,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("POST", "/api/queue/workers"): Operation(
         "Drain an instance or set its concurrency", "operator", queue.Workers,
-        body=queue.WorkerBody,
+        body=queue.WorkerBody, errors=(404,),
     ),
     ("GET", "/api/storage/videos/{id}"): Operation(
         "Playback links and metadata of a generation's video", "reader",
@@ -402,6 +402,8 @@ def _responses(
     success: dict[str, Any] = {"description": "Success"}
     if op.ok is not None:
         success["content"] = {"application/json": {"schema": refs[op.ok]}}
+    elif op.media == "application/json":
+        success["content"] = {op.media: {"schema": {"type": "object"}}}
     elif op.media is not None:
         success["content"] = {op.media: {"schema": {"type": "string"}}}
     responses[str(op.status)] = success
