@@ -370,7 +370,7 @@ class RequestIdMiddleware:
                 scope["method"],
                 scope["path"],
                 exc_info=exc,
-                extra={"action": "http.error"},
+                extra={"action": "http.error", "request_id": request_id},
             )
             await send_problem(
                 scope,
@@ -392,6 +392,8 @@ class RequestIdMiddleware:
             status or "-",
             extra={
                 "action": "http.request",
+                # Also bound, but said here for handlers without the filter.
+                "request_id": scope.get("nimu.request_id"),
                 "status": status,
                 "duration_ms": round(duration_s * 1000, 2),
             },

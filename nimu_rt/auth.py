@@ -57,10 +57,6 @@ class Principal(Struct, frozen=True, kw_only=True):
     scopes: frozenset[str] | None = None
 
     @property
-    def is_scoped(self) -> bool:
-        return self.scopes is not None
-
-    @property
     def is_operator(self) -> bool:
         """Admins and services may use queue, worker and override routes."""
         return self.role in ("admin", "service") and self.scopes is None

@@ -57,6 +57,9 @@ class JwksCache:
         self.min_refresh_s = min_refresh_s
         self._http = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
         self._keys: dict[str | None, dict[str, Any]] = {}
+        # Parsed keys by (kid, algorithm); parsing an RSA key per request
+        # would cost more than verifying with it.
+        self._parsed: dict[tuple[str | None, str], jwt.PyJWK] = {}
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._lock = asyncio.Lock()
@@ -81,6 +84,9 @@ class JwksCache:
             await self._refresh()
         if self._fetched_at is None:
             raise Unavailable("the identity provider's signing keys cannot be fetched")
+        parsed = self._parsed.get((kid, algorithm))
+        if parsed is not None:
+            return parsed
         jwk = self._keys.get(kid)
         if jwk is None and kid is None and len(self._keys) == 1:
             # A token without kid is unambiguous when the set has one key.
@@ -88,11 +94,15 @@ class JwksCache:
         if jwk is None:
             raise Unauthorized("the token's signing key (kid) is not known")
         try:
-            return jwt.PyJWK(jwk, algorithm=jwk.get("alg") or algorithm)
+            # The key's own "alg" wins: a token naming another algorithm is
+            # then refused by PyJWT.
+            parsed = jwt.PyJWK(jwk, algorithm=jwk.get("alg") or algorithm)
         except (jwt.PyJWKError, jwt.InvalidKeyError) as exc:
             raise Unauthorized(
                 f"the token's signing key does not fit {algorithm}: {exc}"
             ) from None
+        self._parsed[(kid, algorithm)] = parsed
+        return parsed
 
     def _stale(self) -> bool:
         return (
@@ -127,6 +137,7 @@ class JwksCache:
             finally:
                 self._completed += 1
             self._keys = keys
+            self._parsed = {}
             self._fetched_at = time.monotonic()
             log.info(
                 "fetched %d signing keys from %s",

@@ -91,11 +91,6 @@ def fresh_context(**ids: Any) -> contextvars.Context:
     return context
 
 
-def bound_ids() -> dict[str, Any]:
-    """The ids bound to the current task (a copy)."""
-    return dict(_bound.get())
-
-
 def redact(text: str) -> str:
     """``text`` with JWTs and bearer credentials replaced."""
     return _SECRETS.sub(REDACTED, text)

@@ -69,7 +69,9 @@ async def test_an_unexpected_error_is_a_500_problem_with_the_headers(
     assert r.json()["requestId"] == "req-500"
     assert "a bug" not in r.text  # no traceback for the client
     assert_guarded(r)
-    errors = [rec for rec in caplog.records if rec.__dict__.get("action") == "http.error"]
+    errors = [
+        rec for rec in caplog.records if rec.__dict__.get("action") == "http.error"
+    ]
     assert len(errors) == 1 and errors[0].exc_info is not None
 
 

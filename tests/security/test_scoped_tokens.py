@@ -194,7 +194,8 @@ async def test_forged_or_stale_scoped_tokens_are_refused(api: Api):
         # An empty scope.
         (jwt.encode(claims(**{**scoped, "scope": " "}), secret), "scope"),
         # Signed with another key.
-        (jwt.encode(claims(**scoped), "not-the-secret-though-long-enough-for-hs256"), "not valid"),
+        (jwt.encode(claims(**scoped), "another-secret-long-enough-for-hs256"),
+         "not valid"),
     ]
     for token, detail in cases:
         r = await api.client.get(f"/api/generations/{g['id']}", headers=bearer(token))
