@@ -182,6 +182,7 @@ class Metrics:
     def http_request(
         self, method: str, route: str, status: int, duration_s: float
     ) -> None:
+        """One answered request; ``route`` must be a template, never a path."""
         self.http_requests.labels(method, route, str(status)).inc()
         self.http_duration.labels(method, route).observe(duration_s)
 
@@ -192,15 +193,18 @@ class Metrics:
             self.fanout.observe(now - born)
 
     def veo3_call(self, stage: str, outcome: str, duration_s: float) -> None:
+        """One submit or poll, retries included; ``outcome`` ok or a code."""
         self.veo3_calls.labels(stage, outcome).inc()
         self.veo3_duration.labels(stage).observe(duration_s)
 
     def upload_finished(self, outcome: str, size_bytes: int, duration_s: float) -> None:
+        """An upload ended (``completed`` or ``failed``; cancels not counted)."""
         if size_bytes:
             self.upload_bytes.inc(size_bytes)
         self.upload_duration.labels(outcome).observe(duration_s)
 
     def job_finished(self, outcome: str, run_s: float) -> None:
+        """A job ended; counted when its end is written, before the commit."""
         self.job_duration.labels(outcome).observe(max(run_s, 0.0))
 
     # -- exposition ------------------------------------------------------------------

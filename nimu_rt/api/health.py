@@ -16,10 +16,14 @@ from nimu_rt.models import Record
 
 
 class Liveness(Record, kw_only=True):
+    """The answer of ``/healthz``: the process serves requests."""
+
     status: Literal["ok"] = "ok"
 
 
 class Readiness(Record, kw_only=True):
+    """The answer of ``/readyz``: the store answered."""
+
     status: Literal["ready"] = "ready"
     store: str
 

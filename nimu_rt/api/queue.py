@@ -35,17 +35,23 @@ class WorkerBody(Body, kw_only=True):
 
 
 class QueueDepth(Record, kw_only=True):
+    """Queued jobs, in all and by priority."""
+
     total: int
     # Priority (as text: JSON object keys) -> queued jobs.
     by_priority: dict[str, int]
 
 
 class RunningJobs(Record, kw_only=True):
+    """Running jobs, in all and by phase."""
+
     total: int
     by_phase: dict[str, int]
 
 
 class QueueLimits(Record, kw_only=True):
+    """The cluster-wide Veo 3 limits and how much of them is in use."""
+
     max_concurrent_operations: int
     operations_in_flight: int
     submissions_per_minute: int
@@ -53,11 +59,15 @@ class QueueLimits(Record, kw_only=True):
 
 
 class Throughput(Record, kw_only=True):
+    """Jobs finished in the last minute and completed in the last hour."""
+
     finished_last_minute: int
     completed_last_hour: int
 
 
 class SpendUsd(Record, kw_only=True):
+    """USD of completed generations over three windows."""
+
     last_hour: float
     today: float
     total: float
@@ -79,10 +89,14 @@ class QueueStats(Record, kw_only=True):
 
 
 class ClearResult(Record, kw_only=True):
+    """How many queued jobs ``POST /api/queue/clear`` cancelled."""
+
     cancelled: int
 
 
 class JobTimings(Record, kw_only=True):
+    """When a job was queued, dispatched and finished; wait and run time."""
+
     queued_at: dt.datetime | None
     available_at: dt.datetime | None
     dispatched_at: dt.datetime | None
@@ -122,6 +136,8 @@ class WorkerView(Instance, kw_only=True):
 
 
 class Workers(Record, kw_only=True):
+    """The answer of the workers routes."""
+
     items: list[WorkerView]
 
 
