@@ -18,11 +18,22 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nimu_rt import logs
 from nimu_rt.api import all_routes
+from nimu_rt.api.common import problem_response
+from nimu_rt.api.metrics import MetricsServer
+from nimu_rt.api.middleware import (
+    AuthMiddleware,
+    LimitsMiddleware,
+    RateLimitMiddleware,
+    SecurityHeadersMiddleware,
+    send_problem,
+)
 from nimu_rt.auth import TokenAuthority, signing_secret
 from nimu_rt.config import Settings
 from nimu_rt.errors import (
@@ -34,7 +45,7 @@ from nimu_rt.errors import (
 from nimu_rt.events.hub import Hub
 from nimu_rt.generations import Generations
 from nimu_rt.jobs.runtime import JobRuntime
-from nimu_rt.models import encode
+from nimu_rt.metrics import Metrics
 from nimu_rt.storage import Storage, create_storage
 from nimu_rt.store import Store, create_store
 from nimu_rt.veo3.client import Veo3Client
@@ -65,10 +76,15 @@ class Services:
         self.storage = storage or create_storage(settings)
         self.instance_id = settings.server.instance_id or default_instance_id()
         self.auth = TokenAuthority(settings, signing_secret(settings))
+        # One registry per instance of Services, never the global one.
+        self.metrics = Metrics()
+        self.storage.metrics = self.metrics
         self.generations = Generations(settings, self.store)
+        self.generations.metrics = self.metrics
         # Real-time fan-out: every committed event of this instance reaches
         # the hub; with PostgreSQL the bridge brings the other instances'.
         self.hub = Hub()
+        self.hub.metrics = self.metrics
         self.store.add_listener(self.hub.publish_events)
         self.bridge: PostgresBridge | None = None
         self.started_monotonic = time.monotonic()
@@ -77,6 +93,8 @@ class Services:
         self._veo3: Veo3Client | None = None
         # The instance's actors, heartbeat and (when it leads) the queue.
         self.runtime: JobRuntime | None = None
+        # /metrics on a port of its own, when metrics.separate is set.
+        self.metrics_server: MetricsServer | None = None
         self._started = False
 
     @property
@@ -96,6 +114,7 @@ class Services:
             self._veo3 = create_veo3_client(self.settings, base_url=base_url)
         else:
             self._veo3 = create_veo3_client(self.settings)
+        self._veo3.metrics = self.metrics
 
     async def _stop_veo3(self) -> None:
         client, self._veo3 = self._veo3, None
@@ -144,10 +163,17 @@ class Services:
                 storage=self.storage,
                 instance_id=self.instance_id,
             )
+            self.runtime.ctx.metrics = self.metrics
             await self.runtime.start()
             # Cancel and overrides must reach the actors of running jobs.
             self.generations.commands = self.runtime
+            metrics = self.settings.metrics
+            if metrics.enabled and metrics.separate:
+                self.metrics_server = MetricsServer(self)
+                await self.metrics_server.start()
         except BaseException:
+            if self.metrics_server is not None:
+                await self.metrics_server.stop()
             if self.runtime is not None:
                 await self.runtime.stop()
             if self.bridge is not None:
@@ -155,6 +181,7 @@ class Services:
             await self._stop_veo3()
             await self.storage.close()
             await self.store.close()
+            await self.auth.aclose()
             raise
         self.started_monotonic = time.monotonic()
         self._started = True
@@ -170,6 +197,8 @@ class Services:
         if not self._started:
             return
         self._started = False
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         # First: the runtime's last writes (released leases) must still reach
         # the hub and, through the bridge, the other instances.
         if self.runtime is not None:
@@ -180,6 +209,7 @@ class Services:
         await self._stop_veo3()
         await self.storage.close()
         await self.store.close()
+        await self.auth.aclose()
         log.info(
             "instance %s stopped",
             self.instance_id,
@@ -209,24 +239,52 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         },
     )
     app.state.services = svc
-    app.add_middleware(RequestIdMiddleware)
+    # add_middleware wraps what is there: the last added runs first. The
+    # order is described in nimu_rt/api/middleware.py.
+    security = settings.security
+    if security.rate_limits:
+        app.add_middleware(
+            RateLimitMiddleware, settings=settings, metrics=svc.metrics
+        )
+    app.add_middleware(AuthMiddleware, auth=svc.auth)
+    app.add_middleware(LimitsMiddleware, settings=settings)
+    if security.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=security.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=security.cors_max_age_s,
+        )
+    app.add_middleware(RequestIdMiddleware, metrics=svc.metrics)
+    app.add_middleware(
+        SecurityHeadersMiddleware, hsts_max_age_s=security.hsts_max_age_s
+    )
     return app
 
 
+# Headers browsers may send cross-origin, and may read from the answers.
+CORS_REQUEST_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "If-None-Match",
+    "X-Request-ID",
+]
+CORS_EXPOSED_HEADERS = [
+    "ETag",
+    "Location",
+    "Idempotent-Replayed",
+    "X-Request-ID",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "Retry-After",
+]
+
+
 # -- errors as problem+json ----------------------------------------------------
-
-
-def problem_response(request: Request, error: NimuError) -> Response:
-    doc = error.problem(
-        request_id=request.scope.get("nimu.request_id"),
-        instance=request.url.path,
-    )
-    return Response(
-        encode(doc),
-        status_code=error.status,
-        media_type="application/problem+json",
-        headers=dict(error.headers()),
-    )
 
 
 async def _nimu_error(request: Request, exc: Exception) -> Response:
@@ -274,11 +332,16 @@ class RequestIdMiddleware:
     """Gives every request an id (the caller's X-Request-ID when sane).
 
     The id is returned in ``X-Request-ID``, written into problem documents
-    and log records, so a user's report can be matched to the server's logs.
+    and bound to every log record of the request. Here, too, each HTTP
+    request is logged once (``http.request``) and counted in the metrics by
+    its route template, and an exception no route handled becomes a 500
+    problem (logged once, ``http.error``) that still carries the id and the
+    security headers.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -286,6 +349,7 @@ class RequestIdMiddleware:
             return
         request_id = _incoming_id(scope) or secrets.token_hex(8)
         scope["nimu.request_id"] = request_id
+        bound = logs.bind(request_id=request_id)
         started = time.perf_counter()
         status_holder: dict[str, Any] = {}
 
@@ -299,22 +363,51 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if scope["type"] != "http" or "status" in status_holder:
+                raise
+            # Logged once here, where the request ends; the client gets the
+            # id to quote, not the traceback.
+            log.error(
+                "unhandled error in %s %s",
+                scope["method"],
+                scope["path"],
+                exc_info=exc,
+                extra={"action": "http.error", "request_id": request_id},
+            )
+            await send_problem(
+                scope,
+                receive,
+                send_with_id,
+                NimuError("an unexpected error happened"),
+            )
         finally:
             if scope["type"] == "http":
-                log.info(
-                    "%s %s %s",
-                    scope["method"],
-                    scope["path"],
-                    status_holder.get("status", "-"),
-                    extra={
-                        "action": "http.request",
-                        "request_id": request_id,
-                        "status": status_holder.get("status"),
-                        "duration_ms": round(
-                            (time.perf_counter() - started) * 1000, 2
-                        ),
-                    },
-                )
+                self._record(scope, status_holder.get("status"), started)
+            logs.unbind(bound)
+
+    def _record(self, scope: Scope, status: int | None, started: float) -> None:
+        duration_s = time.perf_counter() - started
+        log.info(
+            "%s %s %s",
+            scope["method"],
+            scope["path"],
+            status or "-",
+            extra={
+                "action": "http.request",
+                # Also bound, but said here for handlers without the filter.
+                "request_id": scope.get("nimu.request_id"),
+                "status": status,
+                "duration_ms": round(duration_s * 1000, 2),
+            },
+        )
+        if self.metrics is not None:
+            route = scope.get("route")
+            # Templates, never raw paths: ids must not become labels.
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.http_request(
+                scope["method"], template, status or 0, duration_s
+            )
 
 
 def _incoming_id(scope: Scope) -> str | None:

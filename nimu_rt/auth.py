@@ -1,10 +1,14 @@
-"""Who is calling: bearer JWT verification, roles, and the dev signing key.
+"""Who is calling: bearer JWT verification, roles, scopes, the dev signing key.
 
 Tokens are verified with PyJWT against the configured algorithm list; a
 token's own ``alg`` header only selects among those, so ``none`` or an
-algorithm swap can never pass. ``sub`` is the user id. The optional ``role``
-claim is ``admin`` or ``service``; both unlock the operator routes, and a
-plain user has no role claim.
+algorithm swap can never pass. HS* tokens are checked with the shared
+secret only and RS*/ES*/PS* tokens with keys from the JWKS URL only, so a
+token "signed" with the provider's public key as an HMAC secret fails.
+``sub`` is the user id. The optional ``role`` claim is ``admin`` or
+``service``; both unlock the operator routes, and a plain user has no role
+claim. Scoped read tokens (``POST /api/tokens``) are described on
+:class:`TokenAuthority`.
 
 The embedded default signs with a dev key generated once into the data
 directory, so tokens printed by ``nimu-rt serve`` keep working across
@@ -19,13 +23,15 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import jwt
+import msgspec
 from msgspec import Struct
 
 from nimu_rt.config import Settings
-from nimu_rt.errors import Forbidden, Unauthorized
+from nimu_rt.errors import Forbidden, ScopeDenied, Unauthorized
+from nimu_rt.jwks import JwksCache
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +39,49 @@ Role = Literal["user", "admin", "service"]
 ROLES: tuple[Role, ...] = ("user", "admin", "service")
 DEV_KEY_FILE = "dev-signing-key"
 _USER_ID = re.compile(r"^[\x21-\x2e\x30-\x7e]{1,255}$")
+# The issuer of scoped read tokens minted by this service.
+SCOPED_ISSUER = "nimu-rt:scoped"
 
 
 class Principal(Struct, frozen=True, kw_only=True):
-    """The verified caller of one request or connection."""
+    """The verified caller of one request or connection.
+
+    ``scopes`` is None for a full token. A scoped read token (minted by
+    ``POST /api/tokens``) carries the topics it may read, e.g.
+    ``{"generation:<id>", "user:<id>"}``, and nothing else: no role, no
+    writes, no other reads.
+    """
 
     user_id: str
     role: Role = "user"
+    scopes: frozenset[str] | None = None
 
     @property
     def is_operator(self) -> bool:
         """Admins and services may use queue, worker and override routes."""
-        return self.role in ("admin", "service")
+        return self.role in ("admin", "service") and self.scopes is None
 
     def may_access(self, owner_id: str) -> bool:
         return self.user_id == owner_id or self.is_operator
 
+    def allows_topic(self, topic: str) -> bool:
+        """Whether this token's scope covers ``topic`` (full tokens: all).
+
+        Ownership is a separate check: a scope only ever narrows.
+        """
+        return self.scopes is None or topic in self.scopes
+
+    def require_full(self) -> None:
+        """Refuse a scoped token (403 scope_denied)."""
+        if self.scopes is not None:
+            raise ScopeDenied(
+                "this token may only read the generations and topics it was"
+                " minted for",
+                scopes=sorted(self.scopes),
+            )
+
     def require_operator(self) -> None:
+        self.require_full()
         if not self.is_operator:
             raise Forbidden("this route needs the admin or service role")
 
@@ -90,12 +122,43 @@ def load_or_create_dev_key(data_dir: Path) -> str:
 
 
 class TokenAuthority:
-    """Verifies bearer tokens and issues dev tokens."""
+    """Verifies bearer tokens; issues dev tokens and scoped read tokens.
 
-    def __init__(self, settings: Settings, secret: str) -> None:
+    Two kinds of tokens are accepted:
+
+    - full tokens from the identity provider (or ``nimu-rt token``): signed
+      with one of ``auth.algorithms``, HS* with the shared secret and the
+      others with a key from ``auth.jwks_url``; ``iss`` and ``aud`` checked
+      when configured;
+    - scoped read tokens minted here (``iss`` is :data:`SCOPED_ISSUER`):
+      always HS256 with the shared secret, always with a ``scope`` claim,
+      never with a role.
+
+    The unverified header and issuer only choose which of the two checks
+    runs; the chosen check then verifies everything, so lying about either
+    gains nothing.
+    """
+
+    def __init__(
+        self, settings: Settings, secret: str, *, jwks: JwksCache | None = None
+    ) -> None:
         self.settings = settings
         self._secret = secret
         self._algorithms = list(settings.auth.algorithms)
+        auth = settings.auth
+        if jwks is None and auth.jwks_url:
+            jwks = JwksCache(
+                auth.jwks_url,
+                cache_s=auth.jwks_cache_s,
+                min_refresh_s=auth.jwks_min_refresh_s,
+                timeout_s=auth.jwks_timeout_s,
+            )
+        self.jwks = jwks
+
+    async def aclose(self) -> None:
+        """Close the JWKS client; safe to call twice."""
+        if self.jwks is not None:
+            await self.jwks.aclose()
 
     def issue(
         self,
@@ -121,18 +184,106 @@ class TokenAuthority:
             claims["aud"] = self.settings.auth.audience
         return jwt.encode(claims, self._secret, algorithm="HS256")
 
-    def verify(self, token: str) -> Principal:
-        """The principal of a valid token; Unauthorized for anything else."""
-        auth = self.settings.auth
+    def mint_scoped(
+        self, user_id: str, scopes: set[str], ttl_s: int
+    ) -> tuple[str, dt.datetime]:
+        """A scoped read token for ``user_id``, and when it expires.
+
+        Does not check that the user owns what the scopes name: the caller
+        does (see :mod:`nimu_rt.api.tokens`).
+        """
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        expires_at = now + dt.timedelta(seconds=ttl_s)
+        claims = {
+            "iss": SCOPED_ISSUER,
+            "aud": self._scoped_audience,
+            "sub": user_id,
+            "scope": " ".join(sorted(scopes)),
+            "iat": now,
+            "exp": expires_at,
+            "jti": secrets.token_urlsafe(12),
+        }
+        return jwt.encode(claims, self._secret, algorithm="HS256"), expires_at
+
+    @property
+    def _scoped_audience(self) -> str:
+        return self.settings.auth.audience or SCOPED_ISSUER
+
+    async def verify(self, token: str) -> Principal:
+        """The principal of a valid token; Unauthorized for anything else.
+
+        May fetch the JWKS (bounded by ``auth.jwks_timeout_s``), which is
+        why it is a coroutine.
+        """
         try:
-            claims = jwt.decode(
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"the token is not a JWT: {exc}") from None
+        if unverified.get("iss") == SCOPED_ISSUER:
+            return self._verify_scoped(token)
+        alg = header.get("alg")
+        if alg not in self._algorithms:
+            # "none" and anything unlisted end here, whatever the token says.
+            raise Unauthorized(
+                f"tokens signed with {alg!r} are not accepted; accepted:"
+                f" {', '.join(self._algorithms)}"
+            )
+        key: Any
+        if alg.startswith("HS"):
+            key = self._secret
+        elif self.jwks is None:
+            raise Unauthorized("no key set is configured for this algorithm")
+        else:
+            kid = header.get("kid")
+            key = await self.jwks.key(kid if isinstance(kid, str) else None, alg)
+        auth = self.settings.auth
+        claims = self._decode(
+            token,
+            key,
+            algorithms=[alg],
+            issuer=auth.issuer or None,
+            audience=auth.audience or None,
+            require=["sub", "exp"],
+        )
+        return principal_from_claims(claims)
+
+    def _verify_scoped(self, token: str) -> Principal:
+        claims = self._decode(
+            token,
+            self._secret,
+            algorithms=["HS256"],
+            issuer=SCOPED_ISSUER,
+            audience=self._scoped_audience,
+            require=["sub", "exp", "scope"],
+        )
+        if "role" in claims:
+            raise Unauthorized("a scoped token cannot carry a role")
+        scope = claims.get("scope")
+        if not isinstance(scope, str) or not scope.split():
+            raise Unauthorized("the token's scope claim is empty")
+        principal = principal_from_claims(claims)
+        return msgspec.structs.replace(principal, scopes=frozenset(scope.split()))
+
+    def _decode(
+        self,
+        token: str,
+        key: Any,
+        *,
+        algorithms: list[str],
+        issuer: str | None,
+        audience: str | None,
+        require: list[str],
+    ) -> dict[str, Any]:
+        try:
+            return jwt.decode(
                 token,
-                self._secret,
-                algorithms=self._algorithms,
-                issuer=auth.issuer or None,
-                audience=auth.audience or None,
-                leeway=auth.leeway_s,
-                options={"require": ["sub", "exp"]},
+                key,
+                algorithms=algorithms,
+                issuer=issuer,
+                audience=audience,
+                leeway=self.settings.auth.leeway_s,
+                options={"require": require},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("the token has expired") from None
@@ -140,16 +291,15 @@ class TokenAuthority:
             raise Unauthorized("the token is not valid yet") from None
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"the token is not valid: {exc}") from None
-        return principal_from_claims(claims)
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None) -> Principal:
         """Verify an ``Authorization: Bearer ...`` header value."""
         if not authorization:
             raise Unauthorized("send Authorization: Bearer <token>")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("the Authorization header must be 'Bearer <token>'")
-        return self.verify(token.strip())
+        return await self.verify(token.strip())
 
 
 def principal_from_claims(claims: dict[str, object]) -> Principal:

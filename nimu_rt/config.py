@@ -76,6 +76,14 @@ class DatabaseSettings(_Section, kw_only=True):
     auto_migrate: bool = False
 
 
+# Signature algorithms a deployment may accept. HS* use auth.jwt_secret;
+# the others take their keys from auth.jwks_url.
+JWT_ALGORITHMS = (
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512",
+    "ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
+)
+
+
 class AuthSettings(_Section, kw_only=True):
     # Shared secret for HS256 tokens. Empty in the embedded default means a
     # dev key generated once and kept in {data_dir}/dev-signing-key.
@@ -89,6 +97,36 @@ class AuthSettings(_Section, kw_only=True):
     leeway_s: NonNegativeFloat = 30.0
     # Lifetime of tokens printed by `nimu-rt serve` and `nimu-rt token`.
     dev_token_ttl_s: PositiveInt = 30 * 24 * 3600
+    # JSON Web Key Set of the identity provider, for RS*/ES*/PS* tokens
+    # (required when algorithms lists one of them).
+    jwks_url: str = ""
+    # Keys are fetched again when older than this, and at once for a token
+    # whose "kid" is unknown, but never more often than jwks_min_refresh_s:
+    # a flood of made-up kids must not become a flood of fetches.
+    jwks_cache_s: PositiveFloat = 600.0
+    jwks_min_refresh_s: NonNegativeFloat = 30.0
+    jwks_timeout_s: PositiveFloat = 5.0
+    # Scoped read tokens minted by POST /api/tokens: the lifetime when the
+    # caller asks for none, and the longest one may ask for. Short, because
+    # they live in browser pages.
+    scoped_token_ttl_s: PositiveInt = 600
+    scoped_token_max_ttl_s: PositiveInt = 3600
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.algorithms if a not in JWT_ALGORITHMS]
+        if unknown or not self.algorithms:
+            # "none" lands here too: an unsigned token must never pass.
+            known = ", ".join(JWT_ALGORITHMS)
+            raise ValueError(
+                f"algorithms must be a non-empty subset of {known};"
+                f" not {', '.join(unknown) or 'empty'}"
+            )
+        if any(not a.startswith("HS") for a in self.algorithms) and not self.jwks_url:
+            raise ValueError("jwks_url is required for RS*, ES* and PS* algorithms")
+        if self.scoped_token_ttl_s > self.scoped_token_max_ttl_s:
+            raise ValueError(
+                "scoped_token_ttl_s must not exceed scoped_token_max_ttl_s"
+            )
 
 
 class GenerationSettings(_Section, kw_only=True):
@@ -347,6 +385,49 @@ class LoggingSettings(_Section, kw_only=True):
     format: Literal["json", "text"] = "text"
 
 
+class SecuritySettings(_Section, kw_only=True):
+    # Browser origins allowed to call the REST API (CORS), e.g.
+    # ["https://app.example.com"]; "*" allows any. Empty: no CORS headers,
+    # so browsers only allow same-origin calls.
+    cors_origins: list[str] = msgspec.field(default_factory=list)
+    # How long a browser may cache a CORS preflight answer.
+    cors_max_age_s: NonNegativeInt = 600
+    # Strict-Transport-Security max-age, sent only on https requests
+    # (behind a proxy: its X-Forwarded-Proto, from a trusted address). 0: off.
+    hsts_max_age_s: NonNegativeInt = 31536000
+    # Largest request head (all header names and values) accepted; 431 above.
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024
+    # Longest a request may take before its answer starts; 503 after it.
+    # A long-poll gets realtime.longpoll_max_wait_s on top. Streamed bodies
+    # (video downloads) are not limited once they have started.
+    request_timeout_s: PositiveFloat = 30.0
+    # Token buckets on POST, PUT, PATCH and DELETE: a caller may send a burst
+    # of this many requests, then this many per second. Kept per instance.
+    # Admin and service callers are not limited.
+    rate_limits: bool = True
+    user_rate_per_s: PositiveFloat = 5.0
+    user_burst: PositiveInt = 60
+    ip_rate_per_s: PositiveFloat = 20.0
+    ip_burst: PositiveInt = 200
+    # Buckets kept in memory at most; the idlest are forgotten first (a
+    # forgotten bucket is full again).
+    rate_limit_max_keys: PositiveInt = 100_000
+    # USD a user's confirmed generations may cost per UTC day (confirms and
+    # retries count; failed generations do not). 0: no cap.
+    daily_spend_cap_usd: NonNegativeFloat = 0.0
+
+
+class MetricsSettings(_Section, kw_only=True):
+    # Serve Prometheus metrics at all.
+    enabled: bool = True
+    # false: /metrics on the service's own port, for admin and service
+    # tokens. true: on host:port below without auth (keep it private), and
+    # not on the service's port. Port 0 picks a free port.
+    separate: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 9464
+
+
 class RealtimeSettings(_Section, kw_only=True):
     # Seconds a /ws connection opened without an Authorization header has to
     # send its auth message before it is closed (4408).
@@ -411,6 +492,8 @@ class Settings(_Section, kw_only=True):
     veo3: Veo3Settings = msgspec.field(default_factory=Veo3Settings)
     simulator: SimulatorSettings = msgspec.field(default_factory=SimulatorSettings)
     realtime: RealtimeSettings = msgspec.field(default_factory=RealtimeSettings)
+    security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
 
 
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)

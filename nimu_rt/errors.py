@@ -11,20 +11,24 @@ see these types::
     │   └── MalformedJSON          400 malformed_json
     ├── Unauthorized               401 unauthorized
     ├── Forbidden                  403 forbidden
+    │   └── ScopeDenied            403 scope_denied
     ├── NotFound                   404 not_found
     ├── MethodNotAllowed           405 method_not_allowed
     ├── Conflict                   409 conflict
     │   ├── InvalidTransition      409 invalid_transition
     │   ├── CostNotAccepted        409 cost_not_accepted
-    │   └── NotConfirmed           409 not_confirmed
+    │   ├── NotConfirmed           409 not_confirmed
+    │   └── SpendCapExceeded       409 spend_cap_exceeded
     ├── PayloadTooLarge            413 payload_too_large
     ├── RangeNotSatisfiable        416 range_not_satisfiable
     ├── UnsupportedMediaType       415 unsupported_media_type
     ├── ValidationFailed           422 validation_failed
     │   └── IdempotencyKeyReused   422 idempotency_key_reused
     ├── RateLimited                429 rate_limited
+    ├── HeadersTooLarge            431 headers_too_large
     ├── Unavailable                503 unavailable
-    │   └── StoreUnavailable       503 store_unavailable
+    │   ├── StoreUnavailable       503 store_unavailable
+    │   └── RequestTimeout         503 request_timeout
     ├── Veo3Error                  502 veo3_error (from the Veo 3 client)
     │   ├── Veo3Retryable              429, 5xx, timeouts, resets: try later
     │   └── Veo3Final                  400, 403, 404, failed operations
@@ -116,6 +120,13 @@ class Forbidden(NimuError):
     title = "Not allowed"
 
 
+class ScopeDenied(Forbidden):
+    """A scoped read token was used outside what it was minted for."""
+
+    code = "scope_denied"
+    title = "Not allowed with this token's scope"
+
+
 class NotFound(NimuError):
     code = "not_found"
     status = 404
@@ -165,6 +176,18 @@ class CostNotAccepted(Conflict):
 class NotConfirmed(Conflict):
     code = "not_confirmed"
     title = "The generation's price was never accepted"
+
+
+class SpendCapExceeded(Conflict):
+    """Confirming would take the user past the daily spend cap.
+
+    ``capUsd``, ``spentUsd`` (today, before this one), ``remainingUsd``,
+    ``costUsd`` (of this generation) and ``resetsAt`` (next UTC midnight)
+    travel in the problem document.
+    """
+
+    code = "spend_cap_exceeded"
+    title = "Daily spend cap reached"
 
 
 class PayloadTooLarge(NimuError):
@@ -241,6 +264,12 @@ class RateLimited(NimuError):
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
 
 
+class HeadersTooLarge(NimuError):
+    code = "headers_too_large"
+    status = 431
+    title = "Request header fields too large"
+
+
 class Unavailable(NimuError):
     code = "unavailable"
     status = 503
@@ -250,6 +279,13 @@ class Unavailable(NimuError):
 class StoreUnavailable(Unavailable):
     code = "store_unavailable"
     title = "The database cannot be reached"
+
+
+class RequestTimeout(Unavailable):
+    """The request did not get its answer started within the time allowed."""
+
+    code = "request_timeout"
+    title = "The request took too long"
 
 
 class Veo3Error(NimuError):

@@ -14,11 +14,12 @@ that no actor owns.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 from collections.abc import Iterable
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nimu_rt import clarifier
 from nimu_rt.api.schemas import (
@@ -34,6 +35,7 @@ from nimu_rt.errors import (
     IdempotencyKeyReused,
     NotConfirmed,
     NotFound,
+    SpendCapExceeded,
     Unavailable,
     ValidationFailed,
 )
@@ -48,8 +50,12 @@ from nimu_rt.models import (
     utcnow,
 )
 from nimu_rt.jobs.commands import Intent, apply_command
+from nimu_rt.spend import check_daily_cap
 from nimu_rt.store import IdempotencyRecord, Job, Store, Transaction
 from nimu_rt.veo3.pricing import estimate_cost
+
+if TYPE_CHECKING:
+    from nimu_rt.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,8 @@ class Generations:
         self.settings = settings
         self.store = store
         self.commands: JobCommands = DirectCommands(store)
+        # Accepted spend and cap refusals are counted here when set.
+        self.metrics: Metrics | None = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -322,7 +330,9 @@ class Generations:
         """Accept the price and queue the job.
 
         The estimate is computed again now, from the current price table: a
-        price that rose since the user saw it is refused with 409.
+        price that rose since the user saw it is refused with 409. So is a
+        price that does not fit the owner's daily spend cap (409
+        ``spend_cap_exceeded``, see :mod:`nimu_rt.spend`).
         """
         async with self.store.transaction() as tx:
             generation = await self._locked(tx, principal, generation_id)
@@ -336,6 +346,7 @@ class Generations:
                     acceptedCostUsd=accepted_cost_usd,
                 )
             now = utcnow()
+            await self._within_cap(tx, generation.user_id, estimate.usd, now)
             job = Job(
                 id=new_id(),
                 generation_id=generation.id,
@@ -346,12 +357,31 @@ class Generations:
                 updated_at=now,
             )
             await tx.upsert_job(job)
-            return await tx.change(
+            generation = await tx.change(
                 generation,
                 action=Action.CONFIRM,
                 cost_estimate=estimate,
                 job_id=job.id,
             )
+        if self.metrics is not None:
+            self.metrics.spend_confirmed.inc(estimate.usd)
+        return generation
+
+    async def _within_cap(
+        self, tx: Transaction, user_id: str, cost_usd: float, now: dt.datetime
+    ) -> None:
+        try:
+            await check_daily_cap(
+                tx, self.settings.security, user_id, cost_usd, now
+            )
+        except SpendCapExceeded:
+            if self.metrics is not None:
+                self.metrics.spend_cap_refusals.inc()
+            log.info(
+                "daily spend cap reached",
+                extra={"action": "generation.spend_cap", "user_id": user_id},
+            )
+            raise
 
     async def cancel(self, principal: Principal, generation_id: str) -> Generation:
         generation = await self.get(principal, generation_id)
@@ -362,7 +392,8 @@ class Generations:
         """Queue a failed or cancelled generation again, with fresh attempts.
 
         Only a generation whose price was once accepted can be retried; one
-        cancelled before confirmation must be created again.
+        cancelled before confirmation must be created again. A retry is paid
+        again, so it must fit the daily spend cap like a confirm.
         """
         async with self.store.transaction() as tx:
             generation = await self._locked(tx, principal, generation_id)
@@ -373,11 +404,15 @@ class Generations:
                     "this generation was cancelled before its price was"
                     " accepted; create it again"
                 )
+            cost_usd = generation.cost_estimate.usd if generation.cost_estimate else 0
+            await self._within_cap(tx, generation.user_id, cost_usd, utcnow())
             job = await tx.lock_job(job.id)
             _, generation = await apply_command(
                 tx, job, generation, Action.RETRY, Intent()
             )
-            return generation
+        if self.metrics is not None:
+            self.metrics.spend_confirmed.inc(cost_usd)
+        return generation
 
     async def override(
         self,

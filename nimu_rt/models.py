@@ -9,7 +9,7 @@ this module holds the state the service owns.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 from msgspec import Struct
@@ -133,8 +133,13 @@ class Event(Record, kw_only=True):
     at: dt.datetime
 
 
-class Page(Record, kw_only=True):
-    items: list[Any]
+T = TypeVar("T")
+
+
+class Page(Record, Generic[T], kw_only=True):
+    """One page of a list; ``nextCursor`` fetches the next (None: the last)."""
+
+    items: list[T]
     next_cursor: str | None = None
 
 

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from nimu_rt.api import generations, health, queue, static, storage, ws
+from nimu_rt.api import (
+    generations,
+    health,
+    metrics,
+    openapi,
+    queue,
+    static,
+    storage,
+    tokens,
+    ws,
+)
 
 
 def all_routes() -> list[BaseRoute]:
@@ -13,6 +23,9 @@ def all_routes() -> list[BaseRoute]:
         *generations.routes,
         *queue.routes,
         *storage.routes,
+        *tokens.routes,
+        *metrics.routes,
+        *openapi.routes,
         *ws.routes,
         *static.routes,
     ]

@@ -1,4 +1,10 @@
-"""Helpers every route uses: the caller, the body, query values, JSON answers."""
+"""Helpers every route uses: the caller, the body, query values, JSON answers.
+
+The bearer token is verified before the route runs (by
+:class:`nimu_rt.api.middleware.AuthMiddleware`, because verifying may fetch
+the identity provider's keys); :func:`principal` and :func:`reader` only
+read the outcome and decide whether it is enough for the route.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from nimu_rt.auth import Principal
+from nimu_rt.events.hub import generation_topic
 from nimu_rt.ids import is_id
 from nimu_rt.errors import (
     MalformedJSON,
+    NimuError,
     PayloadTooLarge,
+    ScopeDenied,
+    Unauthorized,
     UnsupportedMediaType,
     ValidationFailed,
 )
+from nimu_rt.models import encode
+
+# Where AuthMiddleware leaves the outcome: a Principal or the NimuError that
+# refused the token. Absent when no Authorization header came.
+AUTH_SCOPE_KEY = "nimu.auth"
 
 T = TypeVar("T")
 
@@ -29,15 +44,40 @@ def services(request: Request) -> Any:
     return request.app.state.services
 
 
+def authenticated(request: Request) -> Principal:
+    """The verified caller, full or scoped; Unauthorized (401) otherwise."""
+    outcome = request.scope.get(AUTH_SCOPE_KEY)
+    if isinstance(outcome, Principal):
+        return outcome
+    if isinstance(outcome, NimuError):
+        raise outcome
+    raise Unauthorized("send Authorization: Bearer <token>")
+
+
 def principal(request: Request) -> Principal:
-    """The verified caller; raises Unauthorized (401) without a valid token."""
-    cached = request.scope.get("nimu.principal")
-    if cached is None:
-        cached = services(request).auth.authenticate(
-            request.headers.get("authorization")
+    """The caller with a full token: 401 without one, 403 for a scoped one.
+
+    Every route uses this unless it is one of the reads a scoped token is
+    for (:func:`reader`), so a new route refuses scoped tokens by default.
+    """
+    caller = authenticated(request)
+    caller.require_full()
+    return caller
+
+
+def reader(request: Request, generation_id: str) -> Principal:
+    """The caller, who may hold a scoped token for ``generation:{id}``.
+
+    For the reads of one generation (snapshot, long-poll, events, video
+    links). Ownership is checked by the caller as for any token.
+    """
+    caller = authenticated(request)
+    if not caller.allows_topic(generation_topic(generation_id)):
+        raise ScopeDenied(
+            f"this token does not cover generation {generation_id}",
+            scopes=sorted(caller.scopes or ()),
         )
-        request.scope["nimu.principal"] = cached
-    return cached
+    return caller
 
 
 def operator(request: Request) -> Principal:
@@ -161,4 +201,18 @@ def json_response(
         status_code=status,
         media_type="application/json",
         headers=headers,
+    )
+
+
+def problem_response(request: Request, error: NimuError) -> Response:
+    """``error`` as an RFC 9457 problem+json answer with the request id."""
+    doc = error.problem(
+        request_id=request.scope.get("nimu.request_id"),
+        instance=request.url.path,
+    )
+    return Response(
+        encode(doc),
+        status_code=error.status,
+        media_type="application/problem+json",
+        headers=dict(error.headers()),
     )

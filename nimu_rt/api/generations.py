@@ -16,6 +16,7 @@ from nimu_rt.api.common import (
     query_float,
     query_int,
     read_body,
+    reader,
     services,
 )
 from nimu_rt.api.schemas import (
@@ -100,10 +101,11 @@ async def get(request: Request) -> Response:
     differs from S (at once if it already does), or 304 when N seconds
     (capped by ``realtime.longpoll_max_wait_s``) pass without a change.
     Without sinceSeq, the seq of an ``If-None-Match`` ETag is used.
+    A scoped read token for this generation is enough.
     """
-    caller = principal(request)
     svc = services(request)
     generation_id = request.path_params["id"]
+    caller = reader(request, generation_id)
     wait_s = query_float(
         request, "waitSeconds", minimum=0, maximum=LONGPOLL_MAX_QUERY_S
     )
@@ -174,7 +176,8 @@ def seq_of_etag(value: str | None) -> int | None:
 
 
 async def events(request: Request) -> Response:
-    caller = principal(request)
+    """A page of the event history; a scoped read token is enough."""
+    caller = reader(request, request.path_params["id"])
     since = query_int(request, "sinceSeq", 0, minimum=0, maximum=2**62)
     limit = query_int(request, "limit", 100, minimum=1, maximum=1000)
     rows = await services(request).generations.events(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -11,11 +12,36 @@ from starlette.routing import Route
 from nimu_rt import __version__
 from nimu_rt.api.common import json_response, operator, services
 from nimu_rt.errors import NimuError, StoreUnavailable
+from nimu_rt.models import Record
+
+
+class Liveness(Record, kw_only=True):
+    """The answer of ``/healthz``: the process serves requests."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(Record, kw_only=True):
+    """The answer of ``/readyz``: the store answered."""
+
+    status: Literal["ready"] = "ready"
+    store: str
+
+
+class HealthSummary(Record, kw_only=True):
+    """The operators' summary of one instance."""
+
+    status: Literal["ok"] = "ok"
+    version: str
+    instance_id: str
+    store: str
+    uptime_seconds: float
+    generations_by_status: dict[str, int]
 
 
 async def healthz(request: Request) -> Response:
     """The process is alive and serving. No I/O, no auth."""
-    return json_response({"status": "ok"})
+    return json_response(Liveness())
 
 
 async def readyz(request: Request) -> Response:
@@ -25,7 +51,7 @@ async def readyz(request: Request) -> Response:
         await svc.store.ping()
     except NimuError as exc:
         raise StoreUnavailable(f"not ready: {exc.detail}") from None
-    return json_response({"status": "ready", "store": svc.store.kind})
+    return json_response(Readiness(store=svc.store.kind))
 
 
 async def health(request: Request) -> Response:
@@ -34,14 +60,13 @@ async def health(request: Request) -> Response:
     svc = services(request)
     counts = await svc.store.counts_by_status()
     return json_response(
-        {
-            "status": "ok",
-            "version": __version__,
-            "instanceId": svc.instance_id,
-            "store": svc.store.kind,
-            "uptimeSeconds": round(time.monotonic() - svc.started_monotonic, 3),
-            "generationsByStatus": counts,
-        }
+        HealthSummary(
+            version=__version__,
+            instance_id=svc.instance_id,
+            store=svc.store.kind,
+            uptime_seconds=round(time.monotonic() - svc.started_monotonic, 3),
+            generations_by_status=counts,
+        )
     )
 
 

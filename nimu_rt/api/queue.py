@@ -23,7 +23,7 @@ from nimu_rt.jobs import queries
 from nimu_rt.jobs.commands import Intent, apply_command
 from nimu_rt.jobs.coordinator import COORDINATOR, PAUSED, RATE_WINDOW
 from nimu_rt.lifecycle import Action, Status
-from nimu_rt.models import utcnow
+from nimu_rt.models import ErrorInfo, Record, utcnow
 from nimu_rt.store.base import Instance
 
 
@@ -32,6 +32,113 @@ class WorkerBody(Body, kw_only=True):
     # Stop giving this instance new jobs (its running jobs finish), or undo.
     drain: bool | None = None
     concurrency: Annotated[int, Meta(ge=0, le=10_000)] | None = None
+
+
+class QueueDepth(Record, kw_only=True):
+    """Queued jobs, in all and by priority."""
+
+    total: int
+    # Priority (as text: JSON object keys) -> queued jobs.
+    by_priority: dict[str, int]
+
+
+class RunningJobs(Record, kw_only=True):
+    """Running jobs, in all and by phase."""
+
+    total: int
+    by_phase: dict[str, int]
+
+
+class QueueLimits(Record, kw_only=True):
+    """The cluster-wide Veo 3 limits and how much of them is in use."""
+
+    max_concurrent_operations: int
+    operations_in_flight: int
+    submissions_per_minute: int
+    submissions_last_minute: int
+
+
+class Throughput(Record, kw_only=True):
+    """Jobs finished in the last minute and completed in the last hour."""
+
+    finished_last_minute: int
+    completed_last_hour: int
+
+
+class SpendUsd(Record, kw_only=True):
+    """USD of completed generations over three windows."""
+
+    last_hour: float
+    today: float
+    total: float
+
+
+class QueueStats(Record, kw_only=True):
+    """The answer of ``GET /api/queue`` (and of pause and resume)."""
+
+    paused: bool
+    coordinator: str | None
+    depth: QueueDepth
+    running: RunningJobs
+    limits: QueueLimits
+    throughput: Throughput
+    mean_wait_seconds: float | None
+    mean_run_seconds: float | None
+    success_rate: float | None
+    spend_usd: SpendUsd
+
+
+class ClearResult(Record, kw_only=True):
+    """How many queued jobs ``POST /api/queue/clear`` cancelled."""
+
+    cancelled: int
+
+
+class JobTimings(Record, kw_only=True):
+    """When a job was queued, dispatched and finished; wait and run time."""
+
+    queued_at: dt.datetime | None
+    available_at: dt.datetime | None
+    dispatched_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    wait_seconds: float | None
+    run_seconds: float
+
+
+class JobView(Record, kw_only=True, omit_defaults=True):
+    """A job as its owner sees it; the last three members for operators only."""
+
+    id: str
+    generation_id: str
+    user_id: str
+    state: str
+    status: Status
+    phase: str | None
+    priority: int
+    queue_position: int | None
+    estimated_start_at: dt.datetime | None
+    attempts: int
+    max_attempts: int
+    progress: int
+    error: ErrorInfo | None
+    outcome: str | None
+    timings: JobTimings
+    instance_id: str | None = None
+    lease_expires_at: dt.datetime | None = None
+    operation_name: str | None = None
+
+
+class WorkerView(Instance, kw_only=True):
+    """An instance with whether it is alive and whether it coordinates."""
+
+    alive: bool
+    coordinator: bool
+
+
+class Workers(Record, kw_only=True):
+    """The answer of the workers routes."""
+
+    items: list[WorkerView]
 
 
 async def stats(request: Request) -> Response:
@@ -56,43 +163,43 @@ async def stats(request: Request) -> Response:
     ]
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return json_response(
-        {
-            "paused": await queries.get_control(store, PAUSED) == "true",
-            "coordinator": await queries.get_control(store, COORDINATOR),
-            "depth": {
-                "total": sum(depth.values()),
-                "byPriority": {str(p): n for p, n in depth.items()},
-            },
-            "running": {"total": len(running), "byPhase": by_phase},
-            "limits": {
-                "maxConcurrentOperations": queue.max_concurrent_operations,
-                "operationsInFlight": sum(
+        QueueStats(
+            paused=await queries.get_control(store, PAUSED) == "true",
+            coordinator=await queries.get_control(store, COORDINATOR),
+            depth=QueueDepth(
+                total=sum(depth.values()),
+                by_priority={str(p): n for p, n in depth.items()},
+            ),
+            running=RunningJobs(total=len(running), by_phase=by_phase),
+            limits=QueueLimits(
+                max_concurrent_operations=queue.max_concurrent_operations,
+                operations_in_flight=sum(
                     1 for j in running if j.phase in ("submitting", "generating")
                 ),
-                "submissionsPerMinute": queue.submissions_per_minute,
-                "submissionsLastMinute": len(
+                submissions_per_minute=queue.submissions_per_minute,
+                submissions_last_minute=len(
                     await queries.dispatched_since(store, now - RATE_WINDOW)
                 ),
-            },
-            "throughput": {
-                "finishedLastMinute": len(minute),
-                "completedLastHour": len(completed),
-            },
-            "meanWaitSeconds": _mean(waits),
-            "meanRunSeconds": _mean([j.run_seconds for j in completed]),
-            "successRate": (
+            ),
+            throughput=Throughput(
+                finished_last_minute=len(minute),
+                completed_last_hour=len(completed),
+            ),
+            mean_wait_seconds=_mean(waits),
+            mean_run_seconds=_mean([j.run_seconds for j in completed]),
+            success_rate=(
                 round(len(completed) / (len(completed) + len(failed)), 4)
                 if completed or failed
                 else None
             ),
-            "spendUsd": {
-                "lastHour": await queries.spend_since(
+            spend_usd=SpendUsd(
+                last_hour=await queries.spend_since(
                     store, now - dt.timedelta(hours=1)
                 ),
-                "today": await queries.spend_since(store, day_start),
-                "total": await queries.spend_since(store, None),
-            },
-        }
+                today=await queries.spend_since(store, day_start),
+                total=await queries.spend_since(store, None),
+            ),
+        )
     )
 
 
@@ -141,7 +248,7 @@ async def clear(request: Request) -> Response:
                 Intent(reason="the queue was cleared by an operator"),
             )
             cancelled += 1
-    return json_response({"cancelled": cancelled})
+    return json_response(ClearResult(cancelled=cancelled))
 
 
 async def job_view(request: Request) -> Response:
@@ -154,34 +261,37 @@ async def job_view(request: Request) -> Response:
         raise NotFound(f"no job {job_id}")
     generation = await svc.store.get_generation(job.generation_id)
     assert generation is not None
-    view = {
-        "id": job.id,
-        "generationId": job.generation_id,
-        "userId": job.user_id,
-        "state": job.state,
-        "status": str(generation.status),
-        "phase": job.phase,
-        "priority": job.priority,
-        "queuePosition": generation.queue_position,
-        "estimatedStartAt": generation.estimated_start_at,
-        "attempts": generation.attempts,
-        "maxAttempts": svc.settings.queue.max_attempts,
-        "progress": generation.progress,
-        "error": generation.error,
-        "outcome": job.outcome,
-        "timings": {
-            "queuedAt": job.queued_at,
-            "availableAt": job.available_at,
-            "dispatchedAt": job.dispatched_at,
-            "finishedAt": job.finished_at,
-            "waitSeconds": _seconds(job.queued_at, job.dispatched_at),
-            "runSeconds": round(job.run_seconds, 3),
-        },
-    }
+    view = JobView(
+        id=job.id,
+        generation_id=job.generation_id,
+        user_id=job.user_id,
+        state=job.state,
+        status=generation.status,
+        phase=job.phase,
+        priority=job.priority,
+        queue_position=generation.queue_position,
+        estimated_start_at=generation.estimated_start_at,
+        attempts=generation.attempts,
+        max_attempts=svc.settings.queue.max_attempts,
+        progress=generation.progress,
+        error=generation.error,
+        outcome=job.outcome,
+        timings=JobTimings(
+            queued_at=job.queued_at,
+            available_at=job.available_at,
+            dispatched_at=job.dispatched_at,
+            finished_at=job.finished_at,
+            wait_seconds=_seconds(job.queued_at, job.dispatched_at),
+            run_seconds=round(job.run_seconds, 3),
+        ),
+    )
     if caller.is_operator:
-        view["instanceId"] = job.lease_owner
-        view["leaseExpiresAt"] = job.lease_expires_at
-        view["operationName"] = job.operation_name
+        view = msgspec.structs.replace(
+            view,
+            instance_id=job.lease_owner,
+            lease_expires_at=job.lease_expires_at,
+            operation_name=job.operation_name,
+        )
     return json_response(view)
 
 
@@ -194,10 +304,10 @@ def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None
 async def workers(request: Request) -> Response:
     """Instances with their heartbeat, load, concurrency and drain flag."""
     operator(request)
-    return json_response({"items": await _instances(request)})
+    return json_response(Workers(items=await _instances(request)))
 
 
-async def _instances(request: Request) -> list[dict[str, object]]:
+async def _instances(request: Request) -> list[WorkerView]:
     svc = services(request)
     now = utcnow()
     timeout = dt.timedelta(seconds=svc.settings.queue.instance_timeout_s)
@@ -208,11 +318,10 @@ async def _instances(request: Request) -> list[dict[str, object]]:
     ]
 
 
-def _instance(instance: Instance, *, alive: bool, leads: bool) -> dict[str, object]:
-    doc = msgspec.to_builtins(instance)
-    doc["alive"] = alive
-    doc["coordinator"] = leads
-    return doc
+def _instance(instance: Instance, *, alive: bool, leads: bool) -> WorkerView:
+    return WorkerView(
+        **msgspec.structs.asdict(instance), alive=alive, coordinator=leads
+    )
 
 
 async def update_worker(request: Request) -> Response:
@@ -226,7 +335,7 @@ async def update_worker(request: Request) -> Response:
     if not found:
         raise NotFound(f"no instance {body.instance_id}")
     svc.runtime.wake_coordinator("workers changed")
-    return json_response({"items": await _instances(request)})
+    return json_response(Workers(items=await _instances(request)))
 
 
 routes = [

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from nimu_rt.api.common import json_response, principal, read_body, services
+from nimu_rt.api.common import json_response, principal, read_body, reader, services
 from nimu_rt.api.schemas import Body
 from nimu_rt.auth import Principal
 from nimu_rt.errors import (
@@ -105,8 +105,9 @@ async def get_video(request: Request) -> Response:
     """Links and metadata of a stored video; 404 if none, deleted or not ours.
 
     Does not check that the objects still exist: the record is the truth.
+    A scoped read token for the generation is enough.
     """
-    caller = principal(request)
+    caller = reader(request, request.path_params["id"])
     svc = services(request)
     generation = await svc.generations.get(caller, request.path_params["id"])
     video = _stored_video(generation)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,9 +35,11 @@ from starlette.responses import Response
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from nimu_rt import logs
+from nimu_rt.api.common import AUTH_SCOPE_KEY
 from nimu_rt.auth import Principal
 from nimu_rt.config import RealtimeSettings, Settings
-from nimu_rt.errors import Forbidden, NimuError, Unauthorized
+from nimu_rt.errors import Forbidden, NimuError, ScopeDenied, Unauthorized
 from nimu_rt.events.frames import (
     CLOSE_AUTH_TIMEOUT,
     CLOSE_INTERNAL,
@@ -81,11 +84,17 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws_max_size": rt.max_message_bytes * PROTOCOL_SIZE_FACTOR,
         "ws_ping_interval": rt.ping_interval_s,
         "ws_ping_timeout": rt.ping_timeout_s,
+        # The request head cap when uvicorn runs its h11 parser; the
+        # limits middleware checks it whatever the parser.
+        "h11_max_incomplete_event_size": settings.security.max_header_bytes,
     }
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
-    await Connection(websocket).run()
+    connection = Connection(websocket)
+    # Every record of this connection carries its id.
+    with logs.bound(conn_id=connection.conn_id):
+        await connection.run()
 
 
 class Connection:
@@ -110,14 +119,19 @@ class Connection:
         #    handshake, and the details travel as problem+json.
         try:
             self._check_origin()
-            authorization = self.ws.headers.get("authorization")
-            if authorization is not None:
-                self.principal = self.services.auth.authenticate(authorization)
+            # Verified by the auth middleware, which saw the header.
+            outcome = self.ws.scope.get(AUTH_SCOPE_KEY)
+            if isinstance(outcome, NimuError):
+                raise outcome
+            if isinstance(outcome, Principal):
+                self.principal = outcome
         except NimuError as exc:
             await self._deny(exc)
             return
         await self.ws.accept()
         self.hub.register(self.outbox)
+        if self.services.metrics is not None:
+            self.services.metrics.ws_opened.inc()
         log.info(
             "ws connection opened",
             extra={
@@ -230,13 +244,17 @@ class Connection:
 
     async def _write_loop(self) -> None:
         outbox = self.outbox
+        metrics = self.services.metrics
         while True:
             text = await outbox.get()
             if text is None:
                 return
+            born = outbox.last_born
             try:
                 async with asyncio.timeout(self.settings.send_timeout_s):
                     await self.ws.send({"type": "websocket.send", "text": text})
+                if metrics is not None:
+                    metrics.frame_written(born, time.perf_counter())
             except TimeoutError:
                 log.warning(
                     "ws client too slow: a write stalled",
@@ -281,7 +299,7 @@ class Connection:
             case Ping():
                 self.outbox.put(_PONG)
             case Auth(token=token):
-                self._authenticate(token)
+                await self._authenticate(token)
             case _ if self.principal is None:
                 self.error("unauthorized", "send an auth message first")
             case Subscribe(topic=topic, since_seq=since_seq):
@@ -289,16 +307,23 @@ class Connection:
             case Unsubscribe(topic=topic):
                 await self._unsubscribe(topic)
 
-    def _authenticate(self, token: str) -> None:
+    async def _authenticate(self, token: str) -> None:
         if self.principal is not None:
             self.error("already_authenticated", "this connection is authenticated")
             return
         try:
-            self.principal = self.services.auth.verify(token)
+            self.principal = await self.services.auth.verify(token)
         except Unauthorized as exc:
             self.error(exc.code, exc.detail)
             self.outbox.close(CLOSE_UNAUTHORIZED, exc.detail, drain=True)
             return
+        except NimuError as exc:
+            # The identity provider's keys are out of reach: not the token's
+            # fault, so the client may try again (4000-4499: reconnect).
+            self.error(exc.code, exc.detail)
+            self.outbox.close(CLOSE_INTERNAL, exc.detail, drain=True)
+            return
+        logs.bind(user_id=self.principal.user_id)
         if self._auth_timer is not None:
             self._auth_timer.cancel()
         log.info(
@@ -324,6 +349,10 @@ class Connection:
                 f"at most {self.settings.max_subscriptions} topics per connection",
                 topic,
             )
+            return
+        if not self.principal.allows_topic(topic):
+            error = ScopeDenied(f"this token does not cover the topic {topic}")
+            self.error(error.code, error.detail, topic)
             return
         ctx = Context(
             hub=self.hub,

@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from nimu_rt.events.frames import CLOSE_RESTART, EventFrame, encode_frame
 from nimu_rt.events.outbox import Outbox
 from nimu_rt.models import Event, EventType, utcnow
+
+if TYPE_CHECKING:
+    from nimu_rt.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +65,11 @@ class Message:
 
     ``key`` is set when a newer message may replace this one in an outbox;
     ``fields`` names the data members it sets, so a replacement that sets
-    fewer members does not replace it.
+    fewer members does not replace it. ``born`` (``time.perf_counter()``
+    when it was made) measures fan-out latency up to the socket write.
     """
 
-    __slots__ = ("topic", "text", "seq", "generation_id", "key", "fields")
+    __slots__ = ("topic", "text", "seq", "generation_id", "key", "fields", "born")
 
     def __init__(
         self,
@@ -82,6 +87,7 @@ class Message:
         self.generation_id = generation_id
         self.key = key
         self.fields = fields
+        self.born = time.perf_counter()
 
 
 def event_message(topic: str, event: Event) -> Message:
@@ -138,6 +144,8 @@ class Hub:
         # other instances; None on a single instance.
         self.forward: Forwarder | None = None
         self.closed = False
+        # Counts fanned-out messages when set (by Services).
+        self.metrics: Metrics | None = None
 
     # -- subscribers ----------------------------------------------------------------
 
@@ -186,6 +194,8 @@ class Hub:
             ):
                 if topic in self._topics:
                     self._fan_out(topic, event_message(topic, event))
+                    if self.metrics is not None:
+                        self.metrics.published_stored.inc()
             for waiter in self._watchers.get(event.generation_id, ()):
                 waiter.set()
 
@@ -237,6 +247,8 @@ class Hub:
             fields=frozenset(),
         )
         self._fan_out(topic, message)
+        if self.metrics is not None:
+            self.metrics.published_ephemeral.inc()
 
     def retained(self, topic: str) -> dict[str, Any]:
         """The latest retained data of ``topic``, by message type."""

@@ -23,15 +23,20 @@ from nimu_rt.events.frames import CLOSE_SLOW
 
 
 class _Slot:
-    __slots__ = ("text", "key", "fields", "dropped")
+    __slots__ = ("text", "key", "fields", "dropped", "born")
 
     def __init__(
-        self, text: str, key: Hashable | None, fields: frozenset[str]
+        self,
+        text: str,
+        key: Hashable | None,
+        fields: frozenset[str],
+        born: float | None,
     ) -> None:
         self.text = text
         self.key = key
         self.fields = fields
         self.dropped = False
+        self.born = born
 
 
 class Outbox:
@@ -58,6 +63,9 @@ class Outbox:
         # cancels its writer with it: a writer blocked on a client that
         # stopped reading would otherwise never look at the outbox again.
         self.on_abort: Callable[[], None] | None = None
+        # The ``born`` time of the frame get() returned last (None for
+        # frames that did not come live from the hub), for fan-out latency.
+        self.last_born: float | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -71,6 +79,7 @@ class Outbox:
         text: str,
         key: Hashable | None = None,
         fields: frozenset[str] = frozenset(),
+        born: float | None = None,
     ) -> None:
         """Queue a frame; never blocks.
 
@@ -88,7 +97,7 @@ class Outbox:
         if self._count >= self.capacity:
             self.close(CLOSE_SLOW, "too slow: the frame buffer is full")
             return
-        slot = _Slot(text, key, fields)
+        slot = _Slot(text, key, fields, born)
         self._slots.append(slot)
         self._count += 1
         if key is not None:
@@ -127,6 +136,7 @@ class Outbox:
                     del self._by_key[slot.key]
                 self._count -= 1
                 self._space.set()
+                self.last_born = slot.born
                 return slot.text
             self._ready.clear()
             await self._ready.wait()

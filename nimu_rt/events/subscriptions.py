@@ -130,7 +130,7 @@ class Subscription:
         self._put(message)
 
     def _put(self, message: Message) -> None:
-        self.ctx.outbox.put(message.text, message.key, message.fields)
+        self.ctx.outbox.put(message.text, message.key, message.fields, message.born)
 
     def _put_frame(self, frame: ServerFrame) -> None:
         self.ctx.outbox.put(encode_frame(frame))

@@ -36,10 +36,11 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from nimu_rt import logs
 from nimu_rt.config import Settings
 from nimu_rt.errors import (
     InvalidVideo,
@@ -77,6 +78,9 @@ from nimu_rt.veo3.client import (
     Veo3Client,
     VideoRef,
 )
+
+if TYPE_CHECKING:
+    from nimu_rt.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,8 @@ class ActorContext:
     instance_id: str
     # Called when the actor ends, whatever the outcome.
     on_exit: Callable[[JobActor], None]
+    # Job durations and completed spend are recorded here when set.
+    metrics: Metrics | None = None
 
 
 @dataclasses.dataclass
@@ -149,7 +155,13 @@ class JobActor:
     # -- lifetime ---------------------------------------------------------------
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"job-{self.job_id}")
+        # A context of its own: the actor may be started while a request is
+        # answered, and must not log that request's id for its whole life.
+        self.task = asyncio.create_task(
+            self._run(),
+            name=f"job-{self.job_id}",
+            context=logs.fresh_context(**self._log_ids),
+        )
 
     async def stop(self) -> None:
         """Stop without changing the job (shutdown, or the lease was lost).
@@ -470,6 +482,8 @@ class JobActor:
                 progress=PROGRESS_COMPLETE,
                 error=None,
             )
+        if self.ctx.metrics is not None and generation.cost_estimate is not None:
+            self.ctx.metrics.spend_completed.inc(generation.cost_estimate.usd)
         log.info(
             "video stored at %s",
             key,
@@ -505,6 +519,8 @@ class JobActor:
             run_seconds=job.run_seconds + max(ran, 0.0),
         )
         await tx.upsert_job(job)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.job_finished(outcome, job.run_seconds)
         return job
 
     async def _fail(self, info: ErrorInfo) -> None:
@@ -534,7 +550,7 @@ class JobActor:
         """
         info = error_info(exc)
         queue = self.ctx.settings.queue
-        job, generation = await self._read()
+        _, generation = await self._read()
         if generation.attempts >= queue.max_attempts:
             await self._fail(
                 msgspec.structs.replace(
@@ -626,6 +642,9 @@ class JobActor:
             raise
         if action in (Action.CANCEL, Action.FAIL):
             await self._abort_upload()
+        if self.ctx.metrics is not None and job is not None and job.outcome:
+            ran = (utcnow() - (job.dispatched_at or utcnow())).total_seconds()
+            self.ctx.metrics.job_finished(job.outcome, job.run_seconds + ran)
         if not command.reply.done():
             command.reply.set_result(generation)
         log.info(

@@ -45,8 +45,9 @@ import functools
 import hashlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from msgspec import Struct
 
@@ -60,6 +61,9 @@ from nimu_rt.storage.base import (
     UploadState,
 )
 from nimu_rt.storage.keys import check_key
+
+if TYPE_CHECKING:
+    from nimu_rt.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +155,9 @@ class MultipartTarget(abc.ABC):
     missing upload); :func:`upload_stream` adds retries, ordering and checks.
     """
 
+    # Where uploads are counted and timed, when the app set it.
+    metrics: Metrics | None = None
+
     @abc.abstractmethod
     async def create_upload(self, key: str, *, content_type: str) -> str:
         """Start a multipart upload; return its id."""
@@ -213,7 +220,21 @@ async def upload_stream(
     upload = _Upload(
         target, key, open_source, content_type, options, on_state, on_progress
     )
-    return await upload.run(state)
+    metrics = target.metrics
+    if metrics is None:
+        return await upload.run(state)
+    started = time.perf_counter()
+    try:
+        stored = await upload.run(state)
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        metrics.upload_finished("failed", 0, time.perf_counter() - started)
+        raise
+    metrics.upload_finished(
+        "completed", stored.size_bytes, time.perf_counter() - started
+    )
+    return stored
 
 
 class _CallerStopped(Exception):

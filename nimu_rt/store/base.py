@@ -246,6 +246,15 @@ class Transaction(abc.ABC):
         rows = await self.fetch("SELECT doc FROM jobs WHERE id = $1 FOR UPDATE", job_id)
         return decode_job(rows[0][0]) if rows else None
 
+    async def lock_user(self, user_id: str) -> None:
+        """Wait for, then hold until the end, the lock of ``user_id``.
+
+        Serialises checks that read many rows of one user and no single row
+        lock covers (the daily spend cap). Here it does nothing: SQLite's
+        BEGIN IMMEDIATE already runs one writer at a time. Lock it after the
+        generation row, as every caller does, so that no two orders meet.
+        """
+
 
 class Store(abc.ABC):
     """Where every generation, event and job is kept."""

@@ -48,6 +48,9 @@ _UNAVAILABLE = (
     asyncpg.AdminShutdownError,
 )
 _MIGRATION_LOCK = 0x6E696D75  # "nimu": serialises concurrent `nimu-rt migrate`
+# "spen": the first key of per-user locks (two-key advisory locks never meet
+# the one-key locks of migrations and coordination).
+_USER_LOCK_SPACE = 0x7370656E
 
 Notifier = Callable[[Event], tuple[str, str]]
 
@@ -267,6 +270,15 @@ class PostgresTransaction(Transaction):
             "SELECT doc FROM generations WHERE id = $1 FOR UPDATE", generation_id
         )
         return None if doc is None else _generation.decode(doc)
+
+    async def lock_user(self, user_id: str) -> None:
+        # Keyed by schema too: deployments sharing a server stay apart.
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock("
+            "$1, hashtext(current_schema() || '/' || $2))",
+            _USER_LOCK_SPACE,
+            user_id,
+        )
 
     async def insert_generation(self, generation: Generation) -> None:
         await self.conn.execute(

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from msgspec import Struct
 
 from nimu_rt.errors import Veo3Error
 from nimu_rt.models import CostEstimate, GenerationOptions
+
+if TYPE_CHECKING:
+    from nimu_rt.metrics import Metrics
 
 
 class ImageInput(Struct, frozen=True, kw_only=True):
@@ -72,6 +76,8 @@ class Veo3Client(abc.ABC):
     # Seconds a generation usually takes on this provider, for progress
     # estimates: Veo 3 reports no percentage.
     typical_generation_s: float
+    # Where calls are counted, when the app set it.
+    metrics: Metrics | None = None
 
     @abc.abstractmethod
     async def generate_video(

@@ -45,6 +45,7 @@ import email.utils
 import logging
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
@@ -162,6 +163,35 @@ class HttpVeo3Client(Veo3Client):
     # -- JSON calls with retries ---------------------------------------------------
 
     async def _call_json(
+        self,
+        stage: Stage,
+        method: str,
+        url: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        operation_name: str | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`_call_json_retried`, timed and counted by outcome."""
+        if self.metrics is None:
+            return await self._call_json_retried(
+                stage, method, url, body=body, operation_name=operation_name
+            )
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await self._call_json_retried(
+                stage, method, url, body=body, operation_name=operation_name
+            )
+        except Veo3Error as exc:
+            outcome = exc.code
+            raise
+        except BaseException:
+            outcome = "interrupted"
+            raise
+        finally:
+            self.metrics.veo3_call(stage, outcome, time.perf_counter() - started)
+
+    async def _call_json_retried(
         self,
         stage: Stage,
         method: str,
