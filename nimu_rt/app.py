@@ -7,6 +7,7 @@ the one place that starts and stops them, in order. Routes reach it through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -42,9 +43,10 @@ from nimu_rt.errors import (
     NimuError,
     NotFound,
 )
-from nimu_rt.events.hub import Hub
+from nimu_rt.events.hub import QUEUE_TOPIC, Hub
 from nimu_rt.generations import Generations
 from nimu_rt.jobs.runtime import JobRuntime
+from nimu_rt.jobs.stats import QueueStats
 from nimu_rt.metrics import Metrics
 from nimu_rt.storage import Storage, create_storage
 from nimu_rt.store import Store, create_store
@@ -79,7 +81,7 @@ class Services:
         # One registry per instance of Services, never the global one.
         self.metrics = Metrics()
         self.storage.metrics = self.metrics
-        self.generations = Generations(settings, self.store)
+        self.generations = Generations(settings, self.store, self.storage)
         self.generations.metrics = self.metrics
         # Real-time fan-out: every committed event of this instance reaches
         # the hub; with PostgreSQL the bridge brings the other instances'.
@@ -96,6 +98,7 @@ class Services:
         # /metrics on a port of its own, when metrics.separate is set.
         self.metrics_server: MetricsServer | None = None
         self._started = False
+        self._stack = contextlib.AsyncExitStack()
 
     @property
     def veo3(self) -> Veo3Client:
@@ -124,29 +127,23 @@ class Services:
             await self.simulator.stop()
 
     async def start(self) -> None:
-        """Open the store and start background work; a second call does nothing."""
+        """Open the store and start background work; a second call does nothing.
+
+        Each part's closing is registered as soon as it is open, so a part
+        that fails to start closes exactly what was opened before it.
+        """
         if self._started:
             return
-        await self.store.open()
-        if self.settings.embedded or self.settings.database.auto_migrate:
-            applied = await self.store.migrate()
-            if applied:
-                log.info(
-                    "migrations applied: %s",
-                    applied,
-                    extra={"action": "store.migrate"},
-                )
-        else:
-            pending = await self.store.pending_migrations()
-            if pending:
-                await self.store.close()
-                raise ConfigError(
-                    f"database: schema migrations {pending} are not applied;"
-                    " run `nimu-rt migrate` (the Procfile's release step)"
-                )
+        stack = contextlib.AsyncExitStack()
         try:
+            await self.store.open()
+            stack.push_async_callback(self.store.close)
+            stack.push_async_callback(self.auth.aclose)
+            await self._migrate()
             await self.storage.open()
+            stack.push_async_callback(self.storage.close)
             await self._start_veo3()
+            stack.push_async_callback(self._stop_veo3)
             if self.store.kind == "postgres":
                 from nimu_rt.events.bridge import PostgresBridge
                 from nimu_rt.store.postgres import PostgresStore
@@ -156,33 +153,32 @@ class Services:
                     self.store, self.hub, self.settings.realtime
                 )
                 await self.bridge.start()
+                stack.push_async_callback(self.bridge.close)
+            stack.callback(self.hub.close)
             self.runtime = JobRuntime(
                 self.settings,
                 self.store,
                 veo3=self.veo3,
                 storage=self.storage,
                 instance_id=self.instance_id,
+                publish_stats=self._publish_queue_stats,
             )
             self.runtime.ctx.metrics = self.metrics
             await self.runtime.start()
+            # Stopped first: its last writes (released leases) must still
+            # reach the hub and, through the bridge, the other instances.
+            stack.push_async_callback(self.runtime.stop)
             # Cancel and overrides must reach the actors of running jobs.
             self.generations.commands = self.runtime
             metrics = self.settings.metrics
             if metrics.enabled and metrics.separate:
                 self.metrics_server = MetricsServer(self)
                 await self.metrics_server.start()
+                stack.push_async_callback(self.metrics_server.stop)
         except BaseException:
-            if self.metrics_server is not None:
-                await self.metrics_server.stop()
-            if self.runtime is not None:
-                await self.runtime.stop()
-            if self.bridge is not None:
-                await self.bridge.close()
-            await self._stop_veo3()
-            await self.storage.close()
-            await self.store.close()
-            await self.auth.aclose()
+            await stack.aclose()
             raise
+        self._stack = stack
         self.started_monotonic = time.monotonic()
         self._started = True
         log.info(
@@ -192,24 +188,36 @@ class Services:
             extra={"action": "instance.start", "instance_id": self.instance_id},
         )
 
+    async def _migrate(self) -> None:
+        if self.settings.embedded or self.settings.database.auto_migrate:
+            applied = await self.store.migrate()
+            if applied:
+                log.info(
+                    "migrations applied: %s",
+                    applied,
+                    extra={"action": "store.migrate"},
+                )
+            return
+        pending = await self.store.pending_migrations()
+        if pending:
+            raise ConfigError(
+                f"database: schema migrations {pending} are not applied;"
+                " run `nimu-rt migrate` (the Procfile's release step)"
+            )
+
+    def _publish_queue_stats(self, stats: QueueStats) -> None:
+        self.hub.publish(QUEUE_TOPIC, "stats", stats, retain=True)
+
     async def stop(self) -> None:
-        """Stop background work and close the store; safe to call twice."""
+        """Stop everything start() started, in reverse; safe to call twice.
+
+        A part that fails to stop does not keep the others open.
+        """
         if not self._started:
             return
         self._started = False
-        if self.metrics_server is not None:
-            await self.metrics_server.stop()
-        # First: the runtime's last writes (released leases) must still reach
-        # the hub and, through the bridge, the other instances.
-        if self.runtime is not None:
-            await self.runtime.stop()
-        self.hub.close()
-        if self.bridge is not None:
-            await self.bridge.close()
-        await self._stop_veo3()
-        await self.storage.close()
-        await self.store.close()
-        await self.auth.aclose()
+        self.generations.commands = None
+        await self._stack.aclose()
         log.info(
             "instance %s stopped",
             self.instance_id,
@@ -235,7 +243,6 @@ def create_app(settings: Settings, *, services: Services | None = None) -> Starl
         exception_handlers={
             NimuError: _nimu_error,
             HTTPException: _http_error,
-            Exception: _unexpected_error,
         },
     )
     app.state.services = svc
@@ -307,22 +314,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.headers:
         response.headers.update(exc.headers)
     return response
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    # Logged once here, where the request ends; the client gets the id to
-    # quote, not the traceback.
-    log.error(
-        "unhandled error in %s %s",
-        request.method,
-        request.url.path,
-        exc_info=exc,
-        extra={
-            "action": "http.error",
-            "request_id": request.scope.get("nimu.request_id"),
-        },
-    )
-    return problem_response(request, NimuError("an unexpected error happened"))
 
 
 # -- request ids -------------------------------------------------------------------

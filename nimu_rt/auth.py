@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,18 +104,23 @@ def signing_secret(settings: Settings) -> str:
 def load_or_create_dev_key(data_dir: Path) -> str:
     """Read the dev key, creating it (mode 0600) on first use.
 
-    Two processes starting at once both end up with the same key: the file
-    is created exclusively, and the loser of that race reads the winner's.
+    Two processes starting at once end up with the same key: the key is
+    written to a file of its own and then linked into place, which succeeds
+    for one process only; the other reads the winner's complete file.
     """
     path = data_dir / DEV_KEY_FILE
     data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write(secrets.token_urlsafe(48) + "\n")
+    if not path.exists():
+        fd, draft = tempfile.mkstemp(prefix=".dev-key-", dir=data_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as out:
+                out.write(secrets.token_urlsafe(48) + "\n")
+            try:
+                os.link(draft, path)  # atomic; fails if the key exists
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(draft)
     key = path.read_text(encoding="ascii").strip()
     if not key:
         raise Unauthorized(f"the dev key file {path} is empty; delete it")

@@ -40,7 +40,7 @@ from nimu_rt.errors import (
     ValidationFailed,
 )
 from nimu_rt.ids import is_id, new_id
-from nimu_rt.lifecycle import Action, Status, action_for, next_status
+from nimu_rt.lifecycle import Action, Status, next_status
 from nimu_rt.models import (
     Clarification,
     ErrorInfo,
@@ -49,18 +49,24 @@ from nimu_rt.models import (
     GenerationOptions,
     utcnow,
 )
-from nimu_rt.jobs.commands import Intent, apply_command
+from nimu_rt.jobs.commands import (
+    Intent,
+    apply_command,
+    default_failure,
+    discard_upload,
+    override_action,
+)
 from nimu_rt.spend import check_daily_cap
 from nimu_rt.store import IdempotencyRecord, Job, Store, Transaction
+from nimu_rt.storage.base import Storage
+from nimu_rt.storage.keys import is_reference_key_of
+from nimu_rt.veo3.checks import model_problems, option_problems
 from nimu_rt.veo3.pricing import estimate_cost
 
 if TYPE_CHECKING:
     from nimu_rt.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-REFERENCE_PREFIX = "refs/"
-
 
 class JobCommands(Protocol):
     """Delivers cancel and status overrides to whoever owns a running job."""
@@ -80,10 +86,15 @@ class _RaceLost(Exception):
 class Generations:
     """The generation operations of the REST API."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, storage: Storage | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.commands: JobCommands = DirectCommands(store)
+        # Where a retried job's abandoned upload is discarded.
+        self.storage = storage
+        # Set by the job runtime when it starts: it reaches running actors.
+        self.commands: JobCommands | None = None
         # Accepted spend and cap refusals are counted here when set.
         self.metrics: Metrics | None = None
 
@@ -239,8 +250,7 @@ class Generations:
         if reference is not None:
             # Keys come from POST /api/storage/uploads, which scopes them to
             # the caller: refs/{userId}/... A key outside it is someone else's.
-            own = f"{REFERENCE_PREFIX}{principal.user_id}/"
-            if not reference.startswith(own) or check_token("$", reference):
+            if not is_reference_key_of(reference, principal.user_id):
                 problems.append(
                     {
                         "path": "$.referenceImageKey",
@@ -258,6 +268,9 @@ class Generations:
             reference_image_key=reference,
         )
         problems += option_problems(self.settings, options)
+        problems += model_problems(
+            prompt, options, provider=self.settings.veo3.provider
+        )
         if problems:
             raise ValidationFailed(problems)
         return prompt, options, conversation_id
@@ -271,6 +284,14 @@ class Generations:
         if is_id(generation_id):
             generation = await tx.lock_generation(generation_id)
         return self._visible(principal, generation, generation_id)
+
+    async def _locked_pair(
+        self, tx: Transaction, principal: Principal, generation_id: str
+    ) -> tuple[Generation, Job | None]:
+        generation, job = None, None
+        if is_id(generation_id):
+            generation, job = await tx.lock_pair(generation_id)
+        return self._visible(principal, generation, generation_id), job
 
     async def clarify(
         self, principal: Principal, generation_id: str, answers: dict[str, str]
@@ -293,6 +314,16 @@ class Generations:
                         }
                     ]
                 )
+            too_long = [
+                {"path": "$.answers", "message": "with the answers, the prompt "
+                 + p["message"]}
+                for p in model_problems(
+                    final, generation.options, provider=self.settings.veo3.provider
+                )
+                if p["path"] == "$.prompt"
+            ]
+            if too_long:
+                raise ValidationFailed(too_long)
             return await tx.change(
                 generation,
                 action=Action.CLARIFY,
@@ -386,7 +417,12 @@ class Generations:
     async def cancel(self, principal: Principal, generation_id: str) -> Generation:
         generation = await self.get(principal, generation_id)
         next_status(generation.status, Action.CANCEL)
-        return await self.commands.cancel(generation)
+        return await self._commands().cancel(generation)
+
+    def _commands(self) -> JobCommands:
+        if self.commands is None:
+            raise Unavailable("the job runtime of this instance is not running")
+        return self.commands
 
     async def retry(self, principal: Principal, generation_id: str) -> Generation:
         """Queue a failed or cancelled generation again, with fresh attempts.
@@ -396,9 +432,8 @@ class Generations:
         again, so it must fit the daily spend cap like a confirm.
         """
         async with self.store.transaction() as tx:
-            generation = await self._locked(tx, principal, generation_id)
+            generation, job = await self._locked_pair(tx, principal, generation_id)
             next_status(generation.status, Action.RETRY)
-            job = await tx.get_job(generation.id)
             if job is None:
                 raise NotConfirmed(
                     "this generation was cancelled before its price was"
@@ -406,9 +441,11 @@ class Generations:
                 )
             cost_usd = generation.cost_estimate.usd if generation.cost_estimate else 0
             await self._within_cap(tx, generation.user_id, cost_usd, utcnow())
-            job = await tx.lock_job(job.id)
-            _, generation = await apply_command(
-                tx, job, generation, Action.RETRY, Intent()
+            applied = await apply_command(tx, job, generation, Action.RETRY, Intent())
+            generation = applied.generation
+        if self.storage is not None:
+            await discard_upload(
+                self.storage, applied.abandoned, {"generation_id": generation.id}
             )
         if self.metrics is not None:
             self.metrics.spend_confirmed.inc(cost_usd)
@@ -424,7 +461,7 @@ class Generations:
     ) -> Generation:
         """The operator's status override, validated by the same table."""
         generation = await self.get(principal, generation_id)
-        action = action_for(generation.status, status)
+        action = override_action(generation.status, status)
         problems: list[dict[str, str]] = []
         if reason is not None:
             reason, found = check_text("$.reason", reason, max_chars=500)
@@ -443,11 +480,7 @@ class Generations:
         if problems:
             raise ValidationFailed(problems)
         if action is Action.FAIL and info is None:
-            info = ErrorInfo(
-                code="operator_failed",
-                message=reason or "Stopped by an operator.",
-                retryable=True,
-            )
+            info = default_failure(reason)
         log.info(
             "status override",
             extra={
@@ -458,78 +491,4 @@ class Generations:
                 "to_status": str(status),
             },
         )
-        return await self.commands.override(generation, status, reason, info)
-
-
-def option_problems(
-    settings: Settings, options: GenerationOptions
-) -> list[dict[str, str]]:
-    """Combinations the model refuses, found before anything is paid for."""
-    problems = []
-    rows = settings.pricing.get(options.model)
-    if rows is None:
-        known = ", ".join(sorted(settings.pricing))
-        problems.append(
-            {"path": "$.model", "message": f"unknown model; known: {known}"}
-        )
-    elif options.resolution not in rows:
-        problems.append(
-            {
-                "path": "$.resolution",
-                "message": f"{options.model} does not offer {options.resolution}",
-            }
-        )
-    if options.resolution == "1080p" and options.duration_seconds != 8:
-        problems.append(
-            {"path": "$.durationSeconds", "message": "1080p needs durationSeconds 8"}
-        )
-    if options.reference_image_key and options.duration_seconds != 8:
-        problems.append(
-            {
-                "path": "$.durationSeconds",
-                "message": "image-to-video needs durationSeconds 8",
-            }
-        )
-    return problems
-
-
-class DirectCommands:
-    """Applies cancel and overrides in the store, for jobs no actor runs.
-
-    The job runtime replaces it (it also reaches running jobs' actors); on
-    its own it refuses a running job rather than write behind an actor.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def _apply(
-        self,
-        generation: Generation,
-        intent: Intent,
-        target: Status | None = None,
-    ) -> Generation:
-        async with self.store.transaction() as tx:
-            current = await tx.lock_generation(generation.id)
-            assert current is not None
-            job = await tx.get_job(current.id)
-            if job is not None and job.state == "running":
-                raise Unavailable("no job runtime is running on this instance")
-            action = Action.CANCEL if target is None else action_for(
-                current.status, target
-            )
-            next_status(current.status, action)
-            _, current = await apply_command(tx, job, current, action, intent)
-            return current
-
-    async def cancel(self, generation: Generation) -> Generation:
-        return await self._apply(generation, Intent())
-
-    async def override(
-        self,
-        generation: Generation,
-        status: Status,
-        reason: str | None,
-        error: ErrorInfo | None,
-    ) -> Generation:
-        return await self._apply(generation, Intent(reason=reason, error=error), status)
+        return await self._commands().override(generation, status, reason, info)

@@ -128,7 +128,7 @@ def test_migrate_then_serve_on_postgres(tmp_path: Path, pg_url: str):
 
         result = nimu_rt("migrate", cwd=tmp_path, env=env)
         assert result.returncode == 0, result.stderr
-        assert result.stdout == "applied migrations 1, 2, 3\n"
+        assert result.stdout == "applied migrations 1, 2, 3, 4\n"
         result = nimu_rt("migrate", cwd=tmp_path, env=env)
         assert result.stdout == "the schema is up to date\n"
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import time
 from typing import Literal
 
@@ -13,6 +15,8 @@ from nimu_rt import __version__
 from nimu_rt.api.common import json_response, operator, services
 from nimu_rt.errors import NimuError, StoreUnavailable
 from nimu_rt.models import Record
+
+log = logging.getLogger(__name__)
 
 
 class Liveness(Record, kw_only=True):
@@ -50,7 +54,10 @@ async def readyz(request: Request) -> Response:
     try:
         await svc.store.ping()
     except NimuError as exc:
-        raise StoreUnavailable(f"not ready: {exc.detail}") from None
+        # The cause (host names, addresses) is for the operator's log, not
+        # for an unauthenticated caller.
+        log.warning("not ready: %s", exc.detail, extra={"action": "health.ready"})
+        raise StoreUnavailable("not ready: the database does not answer") from None
     return json_response(Readiness(store=svc.store.kind))
 
 

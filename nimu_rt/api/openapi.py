@@ -34,6 +34,7 @@ from nimu_rt.api.schemas import (
     CreateGenerationBody,
     StatusOverrideBody,
 )
+from nimu_rt.jobs.stats import QueueStats
 from nimu_rt.models import Event, Generation, Page
 from nimu_rt.storage.base import PresignedUpload
 
@@ -189,13 +190,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("GET", "/api/queue"): Operation(
         "Queue depth, load, limits, throughput and spend", "operator",
-        queue.QueueStats,
+        QueueStats,
     ),
     ("POST", "/api/queue/pause"): Operation(
-        "Stop dispatching queued jobs", "operator", queue.QueueStats
+        "Stop dispatching queued jobs", "operator", QueueStats
     ),
     ("POST", "/api/queue/resume"): Operation(
-        "Dispatch queued jobs again", "operator", queue.QueueStats
+        "Dispatch queued jobs again", "operator", QueueStats
     ),
     ("POST", "/api/queue/clear"): Operation(
         "Cancel every queued job", "operator", queue.ClearResult

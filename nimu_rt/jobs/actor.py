@@ -43,27 +43,29 @@ import msgspec
 from nimu_rt import logs
 from nimu_rt.config import Settings
 from nimu_rt.errors import (
-    InvalidVideo,
     NimuError,
     SafetyFiltered,
     StorageError,
+    StoreUnavailable,
     Veo3Error,
-    Veo3Final,
     Veo3Retryable,
 )
 from nimu_rt.lifecycle import (
     PROGRESS_COMPLETE,
     PROGRESS_GENERATING_END,
     PROGRESS_GENERATING_START,
-    RUNNING,
     Action,
     Status,
-    action_for,
     generating_progress,
     next_status,
     uploading_progress,
 )
-from nimu_rt.jobs.commands import apply_command
+from nimu_rt.jobs.commands import (
+    apply_command,
+    discard_upload,
+    override_action,
+    ran_seconds,
+)
 from nimu_rt.models import ErrorInfo, EventType, Generation, utcnow
 from nimu_rt.storage.base import Storage, UploadState
 from nimu_rt.storage.keys import video_key
@@ -73,7 +75,6 @@ from nimu_rt.store.base import Job, Store, Transaction
 from nimu_rt.veo3.client import (
     Failed,
     ImageInput,
-    Running,
     Succeeded,
     Veo3Client,
     VideoRef,
@@ -130,6 +131,8 @@ class ActorContext:
 
 @dataclasses.dataclass
 class ActorCommand:
+    """A cancel or override waiting in an actor's mailbox, with its reply."""
+
     kind: Literal["cancel", "override"]
     reply: asyncio.Future[Generation]
     status: Status | None = None
@@ -149,6 +152,9 @@ class JobActor:
         self.lease_token = lease_token
         self.mailbox: asyncio.Queue[ActorCommand] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
+        # The paid submit and the write of its operation name, shielded from
+        # cancellation: once Google may bill, the name must reach the store.
+        self._submitting: asyncio.Task[tuple[Job, Generation]] | None = None
         self._progress = ProgressWriter(self)
         self._log_ids = {"job_id": job_id, "generation_id": generation_id}
 
@@ -163,15 +169,24 @@ class JobActor:
             context=logs.fresh_context(**self._log_ids),
         )
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 0.0) -> None:
         """Stop without changing the job (shutdown, or the lease was lost).
 
         The job keeps its persisted state; whoever leases it next resumes.
+        A submit in flight is given up to ``grace_s`` to store its operation
+        name first, so that the next owner polls it instead of failing the
+        job as uncertain.
         """
         task = self.task
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        submitting = self._submitting
+        if submitting is not None and not submitting.done():
+            await asyncio.wait({submitting}, timeout=grace_s)
+            if not submitting.done():
+                submitting.cancel()
+            await asyncio.gather(submitting, return_exceptions=True)
 
     async def command(self, command: ActorCommand, timeout_s: float) -> Generation:
         """Deliver a command and wait for its outcome."""
@@ -185,8 +200,8 @@ class JobActor:
         pipeline: asyncio.Task[None] | None = None
         getter: asyncio.Task[ActorCommand] | None = None
         try:
+            pipeline = asyncio.create_task(self._pipeline())
             while True:
-                pipeline = asyncio.create_task(self._pipeline())
                 getter = asyncio.create_task(self.mailbox.get())
                 done, _ = await asyncio.wait(
                     {pipeline, getter}, return_when=asyncio.FIRST_COMPLETED
@@ -195,15 +210,32 @@ class JobActor:
                     pipeline.result()
                     return
                 command = getter.result()
+                action = await self._check(command)
+                if action is None:
+                    continue  # refused: the pipeline goes on undisturbed
                 # The pipeline stops first: its next write would race the
                 # command's, and this actor is the only writer.
                 await _cancel(pipeline)
-                if not await self._handle(command):
+                if action is not Action.CANCEL and self._submitting is not None:
+                    # A requeue or failure must not lose a paid operation:
+                    # let the submit store its name first. (A cancel does
+                    # not wait; see the module docstring.)
+                    await asyncio.gather(self._submitting, return_exceptions=True)
+                if not await self._handle(command, action):
                     return
+                pipeline = asyncio.create_task(self._pipeline())
         except LeaseLost:
             log.info(
                 "lease lost; stopping",
                 extra={"action": "job.lease_lost", **self._log_ids},
+            )
+        except StoreUnavailable as exc:
+            # Nothing was written; the lease runs out or the heartbeat
+            # restarts this actor once the store answers again.
+            log.warning(
+                "store unavailable (%s); stopping until it answers",
+                exc.detail,
+                extra={"action": "job.store_unavailable", **self._log_ids},
             )
         finally:
             # Reached on cancellation too (shutdown): nothing may outlive us.
@@ -221,18 +253,13 @@ class JobActor:
 
     @asynccontextmanager
     async def _fenced(self) -> AsyncIterator[tuple[Transaction, Job, Generation]]:
-        """A transaction in which this actor still owns the job.
-
-        Rows are locked generation first, then job: the order every writer
-        uses, so concurrent writers wait for each other instead of
-        deadlocking.
-        """
+        """A transaction in which this actor still owns the job."""
         async with self.ctx.store.transaction() as tx:
-            generation = await tx.lock_generation(self.generation_id)
-            job = await tx.lock_job(self.job_id)
+            generation, job = await tx.lock_pair(self.generation_id)
             if (
                 generation is None
                 or job is None
+                or job.id != self.job_id
                 or job.state != "running"
                 or job.lease_owner != self.ctx.instance_id
                 or job.lease_token != self.lease_token
@@ -265,7 +292,7 @@ class JobActor:
             else:
                 return
             await self._upload(job, generation, video)
-        except (LeaseLost, asyncio.CancelledError):
+        except (LeaseLost, StoreUnavailable, asyncio.CancelledError):
             raise
         except _Done:
             return
@@ -283,16 +310,16 @@ class JobActor:
                 await self._fail(error_info(exc))
             else:
                 await self._retry_later(exc)
-        except (Veo3Final, InvalidVideo) as exc:
-            await self._fail(error_info(exc))
         except NimuError as exc:
-            log.error("job failed: %s", exc, extra={"action": "job.error",
-                                                    **self._log_ids})
+            # Final refusals (Veo 3's, an invalid video, a missing reference
+            # image): the user is told; _fail logs the outcome.
             await self._fail(error_info(exc))
         except Exception:
             # Logged once, here, where the job meets code we do not control.
-            log.exception("job failed unexpectedly", extra={"action": "job.error",
-                                                            **self._log_ids})
+            log.exception(
+                "job failed unexpectedly",
+                extra={"action": "job.error", **self._log_ids},
+            )
             await self._fail(
                 ErrorInfo(
                     code="internal_error",
@@ -301,31 +328,41 @@ class JobActor:
                 )
             )
 
-    def _remaining_s(self, job: Job, deadline_s: float) -> float:
-        started = job.phase_started_at or job.dispatched_at or utcnow()
-        return max(0.0, deadline_s - (utcnow() - started).total_seconds())
+    def _elapsed_s(self, job: Job, since: dt.datetime | None = None) -> float:
+        started = since or job.phase_started_at or job.dispatched_at or utcnow()
+        return (utcnow() - started).total_seconds()
 
     async def _submit(self, job: Job, generation: Generation) -> tuple[Job, Generation]:
+        queue = self.ctx.settings.queue
         # 1. Everything that can fail without cost happens first.
+        if self._elapsed_s(job) > queue.submitting_deadline_s:
+            # Dispatched long ago and never sent: trying later costs nothing.
+            raise _PhaseDeadline("submitting")
         image = await self._reference_image(generation)
         # 2. Mark the paid call before making it (see the module docstring).
         async with self._fenced() as (tx, job, generation):
             job = msgspec.structs.replace(job, submit_started_at=utcnow())
             await tx.upsert_job(job)
-        # 3. Submit, within the phase deadline.
-        queue = self.ctx.settings.queue
-        remaining = self._remaining_s(job, queue.submitting_deadline_s)
+        # 3. Submit and store the operation name, shielded: cancelling the
+        # pipeline now (a command, a shutdown) must not lose what Google may
+        # bill. The client's own timeouts bound the call.
+        self._submitting = asyncio.create_task(
+            self._submit_and_record(generation, image)
+        )
+        # Its outcome is read by whoever awaits it; nobody may be left (a
+        # cancelled pipeline), so retrieving it here keeps asyncio quiet.
+        self._submitting.add_done_callback(_retrieve)
+        return await asyncio.shield(self._submitting)
+
+    async def _submit_and_record(
+        self, generation: Generation, image: ImageInput | None
+    ) -> tuple[Job, Generation]:
         try:
-            async with asyncio.timeout(remaining):
-                name = await self.ctx.veo3.generate_video(
-                    generation.final_prompt or generation.prompt,
-                    generation.options,
-                    image=image,
-                )
-        except TimeoutError:
-            # The request may be on its way: the same as an ambiguous failure.
-            await self._fail(_uncertain_error())
-            raise _Done from None
+            name = await self.ctx.veo3.generate_video(
+                generation.final_prompt or generation.prompt,
+                generation.options,
+                image=image,
+            )
         except Veo3Retryable as exc:
             if exc.code == AMBIGUOUS_SUBMIT:
                 await self._fail(_uncertain_error())
@@ -336,8 +373,18 @@ class JobActor:
             name,
             extra={"action": "job.submitted", **self._log_ids},
         )
-        # 4. Persist the name with the move to generating.
-        return await self._accepted(name)
+        try:
+            return await self._accepted(name)
+        except LeaseLost:
+            # Cancelled meanwhile, or taken over: the operation is ours to
+            # name in the log, since nothing else will know of it.
+            log.warning(
+                "operation %s was submitted but the job moved on; it may be"
+                " billed",
+                name,
+                extra={"action": "job.orphaned_operation", **self._log_ids},
+            )
+            raise
 
     async def _accepted(self, name: str) -> tuple[Job, Generation]:
         async with self._fenced() as (tx, job, generation):
@@ -366,33 +413,32 @@ class JobActor:
         )
 
     async def _generate(self, job: Job, generation: Generation) -> VideoRef:
-        """Poll until the operation ends; report estimated progress meanwhile."""
+        """Poll until the operation ends; report estimated progress meanwhile.
+
+        The deadline counts from the operation's start and is checked only
+        against a fresh answer: an actor resuming after a long outage polls
+        first, since the video Google made meanwhile is paid for.
+        """
         assert job.operation_name is not None
-        queue = self.ctx.settings.queue
+        deadline_s = self.ctx.settings.queue.generating_deadline_s
         typical_s = self.ctx.veo3.typical_generation_s
         started = job.operation_started_at or utcnow()
         self._progress.reset(generation.progress)
         polls = 0
-        try:
-            async with asyncio.timeout(
-                self._remaining_s(job, queue.generating_deadline_s)
-            ):
-                while True:
-                    result = await self._poll(job.operation_name, polls)
-                    polls += 1
-                    match result:
-                        case Running():
-                            elapsed = (utcnow() - started).total_seconds()
-                            self._progress.report(
-                                generating_progress(elapsed, typical_s)
-                            )
-                            await asyncio.sleep(self.ctx.veo3.next_poll_delay_s(polls))
-                        case Succeeded(video=video):
-                            break
-                        case Failed(error=error):
-                            raise _OperationEnded(error)
-        except TimeoutError:
-            raise _PhaseDeadline("generating") from None
+        while True:
+            result = await self._poll(job.operation_name, polls)
+            polls += 1
+            match result:
+                case Succeeded(video=video):
+                    break
+                case Failed(error=error):
+                    raise _OperationEnded(error)
+                case _:
+                    elapsed = self._elapsed_s(job, started)
+                    if elapsed > deadline_s:
+                        raise _PhaseDeadline("generating")
+                    self._progress.report(generating_progress(elapsed, typical_s))
+                    await asyncio.sleep(self.ctx.veo3.next_poll_delay_s(polls))
         await self._progress.flush()
         async with self._fenced() as (tx, job, generation):
             now = utcnow()
@@ -406,16 +452,21 @@ class JobActor:
             )
         return video
 
-    async def _poll(self, name: str, polls: int) -> Any:
+    async def _poll(self, name: str, polls: int, give_up_s: float | None = None) -> Any:
         """One poll; Veo 3's transient errors are waited out, not requeued.
 
         The operation keeps running (and billing) at Google whatever our
         poll returned, so a failed poll must never lead to a new submission.
+        With ``give_up_s``, transient errors are retried only that long.
         """
+        started = utcnow()
         while True:
             try:
                 return await self.ctx.veo3.poll(name)
             except Veo3Retryable as exc:
+                waited = (utcnow() - started).total_seconds()
+                if give_up_s is not None and waited > give_up_s:
+                    raise
                 delay = max(
                     exc.retry_after_s or 0.0, self.ctx.veo3.next_poll_delay_s(polls)
                 )
@@ -431,7 +482,8 @@ class JobActor:
     async def _finished_video(self, job: Job) -> VideoRef:
         """The video of a finished operation, for an upload that resumes."""
         assert job.operation_name is not None
-        result = await self._poll(job.operation_name, 0)
+        give_up_s = self.ctx.settings.queue.uploading_deadline_s
+        result = await self._poll(job.operation_name, 0, give_up_s=give_up_s)
         match result:
             case Succeeded(video=video):
                 return video
@@ -456,10 +508,9 @@ class JobActor:
         def on_progress(bytes_done: int) -> None:
             self._progress.report(uploading_progress(bytes_done, total))
 
+        remaining_s = settings.queue.uploading_deadline_s - self._elapsed_s(job)
         try:
-            async with asyncio.timeout(
-                self._remaining_s(job, settings.queue.uploading_deadline_s)
-            ):
+            async with asyncio.timeout(max(remaining_s, 0.0)):
                 info = await store_video(
                     self.ctx.storage,
                     key,
@@ -490,24 +541,10 @@ class JobActor:
             extra={"action": "job.completed", **self._log_ids},
         )
 
-    async def _abort_upload(self) -> None:
-        """Discard a half-written multipart upload; bounded and shielded."""
-        try:
-            job = await self.ctx.store.get_job_by_id(self.job_id)
-            if job is not None and job.upload is not None and job.upload.upload_id:
-                await asyncio.shield(
-                    asyncio.wait_for(self.ctx.storage.abort_upload(job.upload), 10)
-                )
-        except (NimuError, TimeoutError, OSError) as exc:
-            # The bucket's lifecycle rule removes what is left eventually.
-            log.warning("could not abort upload: %s", exc,
-                        extra={"action": "job.abort_upload", **self._log_ids})
-
     # -- endings ---------------------------------------------------------------
 
     async def _finish(self, tx: Transaction, job: Job, outcome: str) -> Job:
         now = utcnow()
-        ran = (now - (job.dispatched_at or now)).total_seconds()
         job = msgspec.structs.replace(
             job,
             state="finished",
@@ -516,7 +553,7 @@ class JobActor:
             phase=None,
             lease_owner=None,
             lease_expires_at=None,
-            run_seconds=job.run_seconds + max(ran, 0.0),
+            run_seconds=ran_seconds(job, now),
         )
         await tx.upsert_job(job)
         if self.ctx.metrics is not None:
@@ -525,8 +562,7 @@ class JobActor:
 
     async def _fail(self, info: ErrorInfo) -> None:
         async with self._fenced() as (tx, job, generation):
-            await self._finish(tx, job, "failed")
-            unfinished = job.upload is not None and job.upload.upload_id is not None
+            await self._finish(tx, msgspec.structs.replace(job, upload=None), "failed")
             await tx.change(
                 generation,
                 action=Action.FAIL,
@@ -534,11 +570,13 @@ class JobActor:
                 queue_position=None,
                 estimated_start_at=None,
             )
-        if unfinished:
-            # Nothing will resume it: leave no parts behind.
-            await self._abort_upload()
-        log.info("job failed: %s", info.code, extra={"action": "job.failed",
-                                                     **self._log_ids})
+        # Nothing will resume the upload of a failed job: leave no parts.
+        await discard_upload(self.ctx.storage, job.upload, self._log_ids)
+        log.info(
+            "job failed: %s",
+            info.code,
+            extra={"action": "job.failed", **self._log_ids},
+        )
 
     async def _retry_later(self, exc: NimuError, new_operation: bool = False) -> None:
         """Back to the queue after a backoff, or failed when attempts ran out.
@@ -569,7 +607,6 @@ class JobActor:
         )
         async with self._fenced() as (tx, job, generation):
             now = utcnow()
-            ran = (now - (job.dispatched_at or now)).total_seconds()
             submitted = job.operation_name is not None and not new_operation
             await tx.upsert_job(
                 msgspec.structs.replace(
@@ -589,7 +626,7 @@ class JobActor:
                         job.operation_started_at if submitted else None
                     ),
                     upload=job.upload if submitted else None,
-                    run_seconds=job.run_seconds + max(ran, 0.0),
+                    run_seconds=ran_seconds(job, now),
                 )
             )
             await tx.change(generation, action=Action.REQUEUE, error=info, progress=0)
@@ -613,25 +650,39 @@ class JobActor:
             )
         else:
             await self._retry_later(
-                Veo3Retryable(f"the {phase} phase ran past its deadline",
-                              code=f"{phase}_timeout")
+                Veo3Retryable(
+                    f"the {phase} phase ran past its deadline",
+                    code=f"{phase}_timeout",
+                )
             )
 
     # -- commands -------------------------------------------------------------------
 
-    async def _handle(self, command: ActorCommand) -> bool:
-        """Apply a command; True when the pipeline should run again."""
+    async def _check(self, command: ActorCommand) -> Action | None:
+        """The command's action, or None after refusing it in its reply."""
+        try:
+            _, generation = await self._read()
+            if command.kind == "cancel":
+                action = Action.CANCEL
+                next_status(generation.status, action)
+            else:
+                assert command.status is not None
+                action = override_action(generation.status, command.status)
+            return action
+        except NimuError as exc:
+            if not command.reply.done():
+                command.reply.set_exception(exc)
+            return None
+        except LeaseLost:
+            if not command.reply.done():
+                command.reply.set_exception(ActorGone())
+            raise
+
+    async def _handle(self, command: ActorCommand, action: Action) -> bool:
+        """Apply a checked command; True when the pipeline should run again."""
         try:
             async with self._fenced() as (tx, job, generation):
-                if command.kind == "cancel":
-                    action = Action.CANCEL
-                else:
-                    assert command.status is not None
-                    action = action_for(generation.status, command.status)
-                next_status(generation.status, action)
-                job, generation = await apply_command(
-                    tx, job, generation, action, command
-                )
+                applied = await apply_command(tx, job, generation, action, command)
         except NimuError as exc:
             if not command.reply.done():
                 command.reply.set_exception(exc)
@@ -640,11 +691,10 @@ class JobActor:
             if not command.reply.done():
                 command.reply.set_exception(ActorGone())
             raise
-        if action in (Action.CANCEL, Action.FAIL):
-            await self._abort_upload()
+        await discard_upload(self.ctx.storage, applied.abandoned, self._log_ids)
+        job, generation = applied.job, applied.generation
         if self.ctx.metrics is not None and job is not None and job.outcome:
-            ran = (utcnow() - (job.dispatched_at or utcnow())).total_seconds()
-            self.ctx.metrics.job_finished(job.outcome, job.run_seconds + ran)
+            self.ctx.metrics.job_finished(job.outcome, job.run_seconds)
         if not command.reply.done():
             command.reply.set_result(generation)
         log.info(
@@ -653,9 +703,8 @@ class JobActor:
             generation.status,
             extra={"action": f"job.{command.kind}", **self._log_ids},
         )
-        return (
-            generation.status in RUNNING and job is not None and job.state == "running"
-        )
+        # Every override an actor takes ends its run (finished or queued).
+        return False
 
 
 class ProgressWriter:
@@ -714,6 +763,11 @@ class ProgressWriter:
         task, self._task = self._task, None
         if task is not None:
             await _cancel(task)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

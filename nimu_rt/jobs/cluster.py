@@ -193,15 +193,26 @@ class PostgresCluster(Cluster):
         self._listener = asyncio.create_task(
             self._listen(connected), name="cluster-listen"
         )
-        # Wait for the first LISTEN so that nothing sent after start() is
-        # missed; a failure here surfaces as StoreUnavailable from start.
-        done, _ = await asyncio.wait(
-            {asyncio.ensure_future(connected.wait()), self._listener},
-            timeout=self._connect_kwargs.get("timeout", 10),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if self._listener in done:
-            self._listener.result()
+        # Wait (bounded) for the first LISTEN, so that what is sent right
+        # after start() reaches us. The listener keeps retrying on its own
+        # if the database does not answer yet; until then this instance
+        # learns of work from its periodic scans.
+        waiter = asyncio.create_task(connected.wait())
+        try:
+            await asyncio.wait(
+                {waiter, self._listener},
+                timeout=self._connect_kwargs.get("timeout", 10),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+        if not connected.is_set():
+            log.warning(
+                "not listening on %s yet; retrying in the background",
+                self.channel,
+                extra={"action": "cluster.listen"},
+            )
 
     async def stop(self) -> None:
         listener, self._listener = self._listener, None

@@ -38,21 +38,25 @@ import msgspec
 
 from nimu_rt.config import Settings
 from nimu_rt.jobs import queries
+from nimu_rt.jobs.queries import (
+    COORDINATOR,
+    OPERATION_PHASES,
+    PAUSED,
+    RATE_WINDOW,
+)
+from nimu_rt.jobs.stats import QueueStats, queue_stats
 from nimu_rt.lifecycle import PROGRESS_SUBMITTING, Action, Status
 from nimu_rt.models import EventType, utcnow
 from nimu_rt.store.base import Instance, Job, Store
 
 log = logging.getLogger(__name__)
 
-# Names in the queue_controls table.
-PAUSED = "paused"
-COORDINATOR = "coordinator"
-RATE_WINDOW = dt.timedelta(minutes=1)
-# Phases that hold a Veo 3 operation (uploading only downloads the result).
-OPERATION_PHASES = frozenset({"submitting", "generating"})
-
 # Tells an instance (perhaps this one) that a job was leased to it.
 Deliver = Callable[[str, Job], Awaitable[None]]
+# Hands queue statistics to the real-time hub (the `queue` topic).
+PublishStats = Callable[[QueueStats], None]
+# Statistics are published at most this often (they cost a few queries).
+STATS_INTERVAL_S = 1.0
 
 
 class QueueCoordinator:
@@ -64,11 +68,14 @@ class QueueCoordinator:
         store: Store,
         deliver: Deliver,
         instance_id: str,
+        publish_stats: PublishStats | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.deliver = deliver
         self.instance_id = instance_id
+        self.publish_stats = publish_stats
+        self._stats_at: dt.datetime | None = None
         self._wake = asyncio.Event()
         # Dispatch times of new submissions in the last minute (rate limit).
         self._recent: collections.deque[dt.datetime] = collections.deque()
@@ -89,12 +96,13 @@ class QueueCoordinator:
         # A new coordinator does not know what its predecessor dispatched in
         # the last minute; the table does.
         self._recent = collections.deque(
-            await queries.dispatched_since(self.store, utcnow() - RATE_WINDOW)
+            await queries.submissions_since(self.store, utcnow() - RATE_WINDOW)
         )
         while not lost.is_set():
             self._wake.clear()
             try:
                 next_in = await self.schedule()
+                await self._maybe_publish_stats()
             except Exception:
                 # A pass that fails (the store went away) is retried on the
                 # next tick; coordination itself must not die.
@@ -111,6 +119,17 @@ class QueueCoordinator:
             finally:
                 waiter.cancel()
                 loser.cancel()
+
+    async def _maybe_publish_stats(self) -> None:
+        """Queue statistics for the `queue` topic, throttled."""
+        now = utcnow()
+        if self.publish_stats is None or (
+            self._stats_at is not None
+            and (now - self._stats_at).total_seconds() < STATS_INTERVAL_S
+        ):
+            return
+        self._stats_at = now
+        self.publish_stats(await queue_stats(self.settings, self.store))
 
     # -- one pass -------------------------------------------------------------------
 
@@ -193,9 +212,8 @@ class QueueCoordinator:
         """Lease ``job`` to ``target``; False if it changed in the meantime."""
         lease = dt.timedelta(seconds=self.settings.queue.lease_s)
         async with self.store.transaction() as tx:
-            generation = await tx.lock_generation(job.generation_id)
-            current = await tx.lock_job(job.id)
-            if generation is None or current is None:
+            generation, current = await tx.lock_pair(job.generation_id)
+            if generation is None or current is None or current.id != job.id:
                 return False
             if takeover:
                 if current.state != "running" or current.lease_expires_at is None:
@@ -207,6 +225,9 @@ class QueueCoordinator:
                     lease_owner=target.id,
                     lease_expires_at=now + lease,
                     lease_token=current.lease_token + 1,
+                    # The new owner's phase deadline counts from now; the
+                    # generating deadline counts from the operation's start.
+                    phase_started_at=now,
                     updated_at=now,
                 )
                 await tx.upsert_job(leased)

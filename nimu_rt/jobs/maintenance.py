@@ -18,12 +18,12 @@ import asyncio
 import datetime as dt
 import logging
 
-import msgspec
-
 from nimu_rt.config import Settings
 from nimu_rt.errors import NimuError
 from nimu_rt.jobs import queries
+from nimu_rt.lifecycle import TERMINAL
 from nimu_rt.models import Generation, utcnow
+from nimu_rt.storage.video import video_keys
 from nimu_rt.storage.base import Storage
 from nimu_rt.store.base import Store
 
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 100
 LEFTOVER_AGE = dt.timedelta(days=1)
-_generation = msgspec.json.Decoder(Generation)
 
 
 class Maintenance:
@@ -47,9 +46,12 @@ class Maintenance:
         while not lost.is_set():
             try:
                 await self.run_once()
-            except NimuError as exc:
-                log.warning("maintenance failed: %s", exc,
-                            extra={"action": "maintenance.run"})
+            except Exception:
+                # One failed pass must stop neither maintenance nor, through
+                # the coordination it runs beside, dispatch.
+                log.exception(
+                    "maintenance pass failed", extra={"action": "maintenance.run"}
+                )
             try:
                 async with asyncio.timeout(self.settings.queue.maintenance_interval_s):
                     await lost.wait()
@@ -63,47 +65,68 @@ class Maintenance:
         days = self.settings.queue.retention_days
         if days > 0:
             before = now - dt.timedelta(days=days)
+            skipped: set[str] = set()
             while True:
-                rows = await queries.expired_generations(self.store, before, BATCH)
-                if not rows:
+                rows = await queries.expired_generations(
+                    self.store, before, BATCH + len(skipped)
+                )
+                ids = [row[0] for row in rows if row[0] not in skipped]
+                if not ids:
                     break
-                progress = 0
-                for generation_id, _user, doc in rows:
-                    generation = _generation.decode(doc)
-                    keys = _object_keys(generation)
-                    try:
-                        if keys:
-                            await self.storage.delete(keys)
-                    except NimuError as exc:
-                        log.warning(
-                            "cannot delete objects of %s: %s",
-                            generation_id,
-                            exc,
-                            extra={"action": "maintenance.delete",
-                                   "generation_id": generation_id},
-                        )
-                        continue
-                    async with self.store.transaction() as tx:
-                        await queries.delete_generation(tx, generation_id)
-                    removed["generations"] += 1
-                    removed["objects"] += len(keys)
-                    progress += 1
-                if progress == 0:
-                    break  # every one failed: try again next run
-        stale = getattr(self.storage, "abort_stale_uploads", None)
-        if stale is not None:
-            removed["uploads"] = await stale(older_than=now - LEFTOVER_AGE)
+                for generation_id in ids:
+                    objects = await self._remove(generation_id, before)
+                    if objects is None:
+                        skipped.add(generation_id)
+                    else:
+                        removed["generations"] += 1
+                        removed["objects"] += objects
+        removed["uploads"] = await self.storage.abort_stale_uploads(
+            older_than=now - LEFTOVER_AGE
+        )
         removed["instances"] = await queries.forget_instances(
             self.store, now - LEFTOVER_AGE
         )
         if any(removed.values()):
-            log.info("maintenance removed %s", removed,
-                     extra={"action": "maintenance.run"})
+            log.info(
+                "maintenance removed %s", removed, extra={"action": "maintenance.run"}
+            )
         return removed
+
+    async def _remove(self, generation_id: str, before: dt.datetime) -> int | None:
+        """Delete one expired generation; the number of objects, or None.
+
+        The generation was chosen without a lock: it is checked again with
+        its row locked (a user may have retried it meanwhile). Its objects
+        are deleted inside the transaction, so that if they cannot be, the
+        record stays and the next run tries again; the events, job and keys
+        go with the row (ON DELETE CASCADE).
+        """
+        try:
+            async with self.store.transaction() as tx:
+                generation = await tx.lock_generation(generation_id)
+                if (
+                    generation is None
+                    or generation.status not in TERMINAL
+                    or generation.updated_at >= before
+                ):
+                    return None
+                keys = _object_keys(generation)
+                if keys:
+                    await self.storage.delete(keys)
+                await tx.execute("DELETE FROM generations WHERE id = $1", generation_id)
+            return len(keys)
+        except NimuError as exc:
+            log.warning(
+                "cannot remove generation %s: %s",
+                generation_id,
+                exc,
+                extra={"action": "maintenance.delete", "generation_id": generation_id},
+            )
+            return None
 
 
 def _object_keys(generation: Generation) -> list[str]:
     video = generation.video
     if video is None or video.deleted_at is not None:
         return []
-    return [k for k in (video.key, video.thumbnail_key) if k]
+    return video_keys(video)

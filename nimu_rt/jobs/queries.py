@@ -14,6 +14,13 @@ from typing import Any
 
 from nimu_rt.store.base import Instance, Job, Store, Transaction, as_utc, decode_job
 
+# Names in the queue_controls table.
+PAUSED = "paused"
+COORDINATOR = "coordinator"
+RATE_WINDOW = dt.timedelta(minutes=1)
+# Phases that hold a Veo 3 operation (uploading only downloads the result).
+OPERATION_PHASES = frozenset({"submitting", "generating"})
+
 # The dispatch order. Priority first (higher first); within a priority,
 # fairness: each user's queued jobs are numbered 1, 2, 3... in age order and
 # a user's running jobs count as if they came first, so one user's burst
@@ -68,10 +75,10 @@ async def finished_since(store: Store, since: dt.datetime) -> list[Job]:
     return [decode_job(r[0]) for r in rows]
 
 
-async def dispatched_since(store: Store, since: dt.datetime) -> list[dt.datetime]:
-    """Dispatch times of jobs that started a new Veo 3 submission recently."""
+async def submissions_since(store: Store, since: dt.datetime) -> list[dt.datetime]:
+    """When paid submit calls began, since ``since``, oldest first."""
     rows = await store.fetch(
-        "SELECT dispatched_at FROM jobs WHERE dispatched_at >= $1", since
+        "SELECT submit_started_at FROM jobs WHERE submit_started_at >= $1", since
     )
     return sorted(t for t in (as_utc(r[0]) for r in rows) if t is not None)
 
@@ -198,14 +205,3 @@ async def expired_generations(
         before,
         limit,
     )
-
-
-async def delete_generation(tx: Transaction, generation_id: str) -> None:
-    """Remove a generation with its events, job and idempotency keys."""
-    for table, column in (
-        ("generation_events", "generation_id"),
-        ("idempotency_keys", "generation_id"),
-        ("jobs", "generation_id"),
-        ("generations", "id"),
-    ):
-        await tx.execute(f"DELETE FROM {table} WHERE {column} = $1", generation_id)

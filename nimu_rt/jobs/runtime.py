@@ -50,13 +50,18 @@ from nimu_rt.jobs.cluster import (
     Reply,
     Wake,
 )
-from nimu_rt.jobs.commands import Intent, apply_command
-from nimu_rt.jobs.coordinator import QueueCoordinator
+from nimu_rt.jobs.commands import (
+    Intent,
+    apply_command,
+    discard_upload,
+    override_action,
+)
+from nimu_rt.jobs.coordinator import PublishStats, QueueCoordinator
 from nimu_rt.jobs.maintenance import Maintenance
-from nimu_rt.lifecycle import RUNNING, Action, Status, action_for, next_status
+from nimu_rt.lifecycle import Action, Status, next_status
 from nimu_rt.models import ErrorInfo, Event, EventType, Generation, utcnow
 from nimu_rt.storage.base import Storage
-from nimu_rt.store.base import Instance, Job, Store
+from nimu_rt.store.base import Instance, Job, Store, decode_job
 from nimu_rt.veo3.client import Veo3Client
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,7 @@ class JobRuntime:
         veo3: Veo3Client,
         storage: Storage,
         instance_id: str,
+        publish_stats: PublishStats | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -85,7 +91,7 @@ class JobRuntime:
         self.instance_id = instance_id
         self.cluster = _make_cluster(settings, store, instance_id)
         self.coordinator = QueueCoordinator(
-            settings, store, self._deliver, instance_id
+            settings, store, self._deliver, instance_id, publish_stats
         )
         self.maintenance = Maintenance(settings, store, storage)
         self.actors: dict[str, JobActor] = {}
@@ -99,6 +105,9 @@ class JobRuntime:
         )
         self._replies: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Short tasks nobody awaits (wake-ups, stopping a replaced actor):
+        # kept so that they are not collected mid-run and end with us.
+        self._spare: set[asyncio.Task[Any]] = set()
         self._started_at = utcnow()
         self._running = False
 
@@ -126,12 +135,15 @@ class JobRuntime:
         await self._quietly(
             queries.update_instance(self.store, self.instance_id, draining=True)
         )
-        for task in self._tasks:
+        self.store.remove_listener(self._on_events)
+        for task in [*self._tasks, *self._spare]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._spare, return_exceptions=True)
         self._tasks = []
+        # Actors inside a paid submit get the grace period to record it.
+        grace_s = self.settings.server.shutdown_grace_s
         actors = list(self.actors.values())
-        await asyncio.gather(*(a.stop() for a in actors), return_exceptions=True)
+        await asyncio.gather(*(a.stop(grace_s) for a in actors), return_exceptions=True)
         try:
             if await self._quietly(self._release_leases()):
                 await self._send_quietly(LEADER, Wake(reason="instance stopping"))
@@ -145,8 +157,10 @@ class JobRuntime:
         """Shutdown work that may fail because the store is already gone."""
         try:
             return await work
-        except NimuError as exc:
-            log.warning("while stopping: %s", exc, extra={"action": "instance.stop"})
+        except Exception as exc:
+            # Untranslated driver errors too: the rest of the shutdown must
+            # still run.
+            log.warning("while stopping: %r", exc, extra={"action": "instance.stop"})
             return None
 
     async def _release_leases(self) -> int:
@@ -154,8 +168,7 @@ class JobRuntime:
         released = 0
         for job in await queries.jobs_leased_to(self.store, self.instance_id):
             async with self.store.transaction() as tx:
-                await tx.lock_generation(job.generation_id)
-                current = await tx.lock_job(job.id)
+                _, current = await tx.lock_pair(job.generation_id)
                 if current is None or current.lease_owner != self.instance_id:
                     continue
                 await tx.upsert_job(
@@ -195,10 +208,13 @@ class JobRuntime:
                 running=len(self.actors),
             ),
         )
+        # Only actors that existed before the query can be judged by it: one
+        # started meanwhile may hold a lease the query did not see yet.
+        before = dict(self.actors)
         leased = await queries.jobs_leased_to(self.store, self.instance_id)
         mine = {job.id for job in leased}
-        for job_id, actor in list(self.actors.items()):
-            if job_id not in mine:
+        for job_id, actor in before.items():
+            if job_id not in mine and self.actors.get(job_id) is actor:
                 # Taken over elsewhere: this actor's writes would be refused
                 # anyway; stop it now rather than at its next write.
                 await actor.stop()
@@ -208,8 +224,7 @@ class JobRuntime:
     async def _renew(self, job: Job, now: dt.datetime) -> None:
         lease = dt.timedelta(seconds=self.settings.queue.lease_s)
         async with self.store.transaction() as tx:
-            await tx.lock_generation(job.generation_id)
-            current = await tx.lock_job(job.id)
+            _, current = await tx.lock_pair(job.generation_id)
             if (
                 current is None
                 or current.state != "running"
@@ -237,19 +252,36 @@ class JobRuntime:
                     finally:
                         for task in tasks:
                             task.cancel()
-                        await asyncio.gather(*tasks, return_exceptions=True)
+                        results = await asyncio.gather(*tasks, return_exceptions=True)
+                    for result in results:
+                        if isinstance(result, Exception):
+                            # Coordination is given up and contended for
+                            # again; the reason must not vanish.
+                            log.error(
+                                "coordination stopped: %r",
+                                result,
+                                exc_info=result,
+                                extra={"action": "queue.lead"},
+                            )
             except NimuError as exc:
-                log.warning("coordination interrupted: %s", exc,
-                            extra={"action": "queue.lead"})
+                log.warning(
+                    "coordination interrupted: %s",
+                    exc,
+                    extra={"action": "queue.lead"},
+                )
             await asyncio.sleep(self.settings.queue.leader_retry_s)
 
     def wake_coordinator(self, reason: str = "") -> None:
         """Ask the coordinating instance (maybe this one) for a pass."""
         if self.cluster.is_leader:
             self.coordinator.wake(reason)
-        else:
-            task = asyncio.create_task(self._send_quietly(LEADER, Wake(reason=reason)))
-            task.add_done_callback(lambda _t: None)
+        elif self._running:
+            self._spawn(self._send_quietly(LEADER, Wake(reason=reason)))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._spare.add(task)
+        task.add_done_callback(self._spare.discard)
 
     async def _send_quietly(self, to: str, message: Any) -> None:
         try:
@@ -282,7 +314,7 @@ class JobRuntime:
             return actor
         if actor is not None:
             # A newer lease of the same job: the old actor is fenced out.
-            asyncio.create_task(actor.stop())
+            self._spawn(actor.stop())
         actor = JobActor(self.ctx, job.id, job.generation_id, job.lease_token)
         self.actors[job.id] = actor
         actor.start()
@@ -386,19 +418,19 @@ class JobRuntime:
     ) -> Generation | Job:
         """Apply to a job no actor runs; else return the running job."""
         async with self.store.transaction() as tx:
-            generation = await tx.lock_generation(generation_id)
+            generation, job = await tx.lock_pair(generation_id)
             if generation is None:
                 raise NotFound(f"no generation {generation_id}")
-            job = await tx.get_job(generation_id)
-            if job is not None:
-                job = await tx.lock_job(job.id)
             if job is not None and job.state == "running":
                 return job
             action = _action(kind, generation.status, status)
-            next_status(generation.status, action)
-            command = Intent(reason=reason, error=error)
-            _, generation = await apply_command(tx, job, generation, action, command)
-            return generation
+            applied = await apply_command(
+                tx, job, generation, action, Intent(reason=reason, error=error)
+            )
+        await discard_upload(
+            self.storage, applied.abandoned, {"generation_id": generation_id}
+        )
+        return applied.generation
 
     async def _local_command(
         self,
@@ -475,8 +507,7 @@ class JobRuntime:
         """
         now = utcnow()
         async with self.store.transaction() as tx:
-            generation = await tx.lock_generation(job.generation_id)
-            current = await tx.lock_job(job.id)
+            generation, current = await tx.lock_pair(job.generation_id)
             if (
                 generation is None
                 or current is None
@@ -491,22 +522,28 @@ class JobRuntime:
                 lease_token=current.lease_token + 1,
             )
             action = _action(kind, generation.status, status)
-            next_status(generation.status, action)
-            _, generation = await apply_command(
+            applied = await apply_command(
                 tx, current, generation, action, Intent(reason=reason, error=error)
             )
-            return generation
+        await discard_upload(
+            self.storage, applied.abandoned, {"generation_id": job.generation_id}
+        )
+        return applied.generation
 
     async def _job_of(self, generation_id: str) -> Job | None:
-        async with self.store.transaction() as tx:
-            return await tx.get_job(generation_id)
+        rows = await self.store.fetch(
+            "SELECT doc FROM jobs WHERE generation_id = $1", generation_id
+        )
+        return decode_job(rows[0][0]) if rows else None
 
 
 def _action(kind: str, current: Status, target: Status | None) -> Action:
+    """The action of a cancel or an override, checked against the table."""
     if kind == "cancel":
+        next_status(current, Action.CANCEL)
         return Action.CANCEL
     assert target is not None
-    return action_for(current, target)
+    return override_action(current, target)
 
 
 _PROBLEM_MEMBERS = (
@@ -550,4 +587,4 @@ def _make_cluster(settings: Settings, store: Store, instance_id: str) -> Cluster
     return LocalCluster(instance_id)
 
 
-__all__ = ["JobRuntime", "RUNNING"]
+__all__ = ["JobRuntime"]

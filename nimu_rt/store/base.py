@@ -241,6 +241,22 @@ class Transaction(abc.ABC):
         )
         return decode_job(rows[0][0]) if rows else None
 
+    async def lock_pair(
+        self, generation_id: str
+    ) -> tuple[Generation | None, Job | None]:
+        """A generation and its job, both locked: the generation row first.
+
+        Every writer that needs both rows takes them through here, in this
+        order, so two writers wait for each other instead of deadlocking.
+        """
+        generation = await self.lock_generation(generation_id)
+        if generation is None:
+            return None, None
+        rows = await self.fetch(
+            "SELECT doc FROM jobs WHERE generation_id = $1 FOR UPDATE", generation_id
+        )
+        return generation, decode_job(rows[0][0]) if rows else None
+
     async def lock_job(self, job_id: str) -> Job | None:
         """Read a job by id and hold its row until the transaction ends."""
         rows = await self.fetch("SELECT doc FROM jobs WHERE id = $1 FOR UPDATE", job_id)
@@ -267,6 +283,11 @@ class Store(abc.ABC):
     def add_listener(self, listener: EventListener) -> None:
         """Call ``listener`` with the events of every committed transaction."""
         self._listeners.append(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        """Stop calling ``listener``; a listener never added is ignored."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -371,8 +392,9 @@ def as_utc(value: Any) -> dt.datetime | None:
 UPSERT_JOB = """
 INSERT INTO jobs (id, generation_id, user_id, priority, state, available_at,
     created_at, updated_at, doc, queued_at, dispatched_at, finished_at, outcome,
-    phase, lease_owner, lease_expires_at, lease_token)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+    phase, lease_owner, lease_expires_at, lease_token, submit_started_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+    $18)
 ON CONFLICT (id) DO UPDATE SET priority = excluded.priority,
     state = excluded.state, available_at = excluded.available_at,
     updated_at = excluded.updated_at, doc = excluded.doc,
@@ -380,7 +402,8 @@ ON CONFLICT (id) DO UPDATE SET priority = excluded.priority,
     finished_at = excluded.finished_at, outcome = excluded.outcome,
     phase = excluded.phase, lease_owner = excluded.lease_owner,
     lease_expires_at = excluded.lease_expires_at,
-    lease_token = excluded.lease_token
+    lease_token = excluded.lease_token,
+    submit_started_at = excluded.submit_started_at
 """
 
 
@@ -403,4 +426,5 @@ def job_row(job: Job) -> tuple[Any, ...]:
         job.lease_owner,
         job.lease_expires_at,
         job.lease_token,
+        job.submit_started_at,
     )

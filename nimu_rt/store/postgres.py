@@ -36,8 +36,8 @@ _generation = msgspec.json.Decoder(Generation)
 _encode = msgspec.json.Encoder().encode
 _decode_data = msgspec.json.Decoder(dict[str, Any]).decode
 
-# Errors that mean "the database is not reachable right now", as opposed to
-# "this statement is wrong".
+# Errors that mean "not now: try again", as opposed to "this statement is
+# wrong".
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
@@ -46,6 +46,9 @@ _UNAVAILABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
+    # Deadlock victims and serialization failures: the transaction may
+    # simply be tried again.
+    asyncpg.TransactionRollbackError,
 )
 _MIGRATION_LOCK = 0x6E696D75  # "nimu": serialises concurrent `nimu-rt migrate`
 # "spen": the first key of per-user locks (two-key advisory locks never meet

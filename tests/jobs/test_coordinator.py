@@ -15,7 +15,8 @@ import pytest
 from nimu_rt import __version__
 from nimu_rt.ids import new_id
 from nimu_rt.jobs import queries
-from nimu_rt.jobs.coordinator import PAUSED, QueueCoordinator
+from nimu_rt.jobs.coordinator import QueueCoordinator
+from nimu_rt.jobs.queries import PAUSED
 from nimu_rt.lifecycle import Status
 from nimu_rt.models import Generation, GenerationOptions, utcnow
 from nimu_rt.store import Job, Store

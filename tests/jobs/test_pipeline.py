@@ -256,7 +256,6 @@ async def test_an_ambiguous_submit_is_never_sent_twice(fast_api, marker):
 @pytest.mark.parametrize(
     ("phase", "marker", "deadline_s", "code"),
     [
-        ("submitting", "[sim:slow]", 0.5, "submission_uncertain"),
         ("generating", "[sim:gen=60]", 0.5, "generation_timeout"),
         # Long enough for a 5 MiB part or two to be stored, which must then
         # be discarded.
@@ -270,8 +269,6 @@ async def test_a_phase_past_its_deadline_ends_the_job(
     api: Api = await fast_api(
         {
             "queue": {f"{phase}_deadline_s": deadline_s, "max_attempts": 1},
-            "simulator": {"slow_s": 30.0},
-            "veo3": {"request_timeout_s": 60.0},
             "storage": {"part_size_bytes": 5 * 1024 * 1024},
         }
     )
@@ -287,6 +284,23 @@ async def test_a_phase_past_its_deadline_ends_the_job(
         assert max(e["data"].get("progress", 0) for e in history) > 85
     assert await api.services.storage.list_uploads() == []
     assert [o async for o in api.services.storage.iter_objects("videos/")] == []
+
+
+async def test_a_submit_held_past_the_client_timeout_is_never_resent(fast_api):
+    # The simulator accepts the request, then holds the answer: Google may
+    # bill it, so the job must not submit again.
+    api: Api = await fast_api(
+        {"veo3": {"request_timeout_s": 0.5}, "simulator": {"slow_s": 30.0}}
+    )
+    prompt = f"{CLEAR_PROMPT} [sim:slow]"
+    generation = await submit(api, prompt)
+
+    done = await wait_for(api, generation["id"], status_is(*TERMINAL))
+
+    assert (done["status"], done["error"]["code"]) == (
+        "failed", "submission_uncertain",
+    )
+    assert (await simulator_stats(api))["submissions"]["byPrompt"] == {prompt: 1}
 
 
 async def test_pause_resume_and_clear_over_http(fast_api):

@@ -1,8 +1,8 @@
 """Helpers for the real-time tests: WebSocket clients and a generation driver.
 
 Here a generation is driven through its lifecycle by hand, one step at a
-time, with the operator's status override route, and progress is written
-through a store transaction, exactly as an actor would. The queue is paused
+time: status and progress changes are written through a store transaction,
+exactly as an actor would. The queue is paused
 so that no actor runs the job meanwhile; the real pipeline seen over the
 WebSocket is tested in tests/jobs.
 """
@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from nimu_rt.lifecycle import action_for
 from tests.conftest import Api
 from tests.support import WAIT_S
 
@@ -120,13 +122,16 @@ async def queued_generation(api: Api, user: str = "alice") -> dict[str, Any]:
 
 
 async def set_status(api: Api, generation_id: str, status: str) -> dict[str, Any]:
-    r = await api.client.put(
-        f"/api/generations/{generation_id}/status",
-        json={"status": status},
-        headers=api.headers("ops", "admin"),
-    )
-    assert r.status_code == 200, r.text
-    return r.json()
+    """Move the generation to ``status`` as the pipeline does; the new state.
+
+    Written through the store by the lifecycle table (only the pipeline may
+    move a job forward; the operators' override route refuses it).
+    """
+    async with api.services.store.transaction() as tx:
+        g = await tx.lock_generation(generation_id)
+        assert g is not None
+        g = await tx.change(g, action=action_for(g.status, status))
+    return msgspec.to_builtins(g)
 
 
 async def set_progress(api: Api, generation_id: str, progress: int) -> int:

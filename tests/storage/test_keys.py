@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from nimu_rt import generations
 from nimu_rt.errors import ConfigError, StorageError
 from nimu_rt.storage import create_storage
 from nimu_rt.storage.keys import (
@@ -18,9 +17,9 @@ from nimu_rt.storage.keys import (
 from tests.support import make_settings
 
 
-def test_generations_accept_the_keys_uploads_hand_out():
-    assert generations.REFERENCE_PREFIX == REFERENCE_PREFIX
+def test_reference_keys_are_scoped_to_their_user():
     key = reference_key("alice", "image/webp")
+    assert key.startswith(REFERENCE_PREFIX)
     assert key.startswith("refs/alice/") and key.endswith(".webp")
     assert is_reference_key_of(key, "alice")
     assert not is_reference_key_of(key, "bob")
