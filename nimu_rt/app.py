@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 
 def default_instance_id() -> str:
+    """A name for this process: host, pid and a few random hex digits."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 

@@ -309,6 +309,7 @@ class TokenAuthority:
 
 
 def principal_from_claims(claims: dict[str, object]) -> Principal:
+    """The caller named by verified claims; Unauthorized if they name none."""
     sub = claims.get("sub")
     # User ids become parts of storage keys and topics: no "/", no spaces.
     if not isinstance(sub, str) or not _USER_ID.match(sub):

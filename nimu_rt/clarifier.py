@@ -107,6 +107,7 @@ _PLACE_PHRASE = re.compile(r"\b(?:in|at|on|inside|outside|under|above) (?:a|an|t
 
 
 def words(text: str) -> list[str]:
+    """The lowercase words of ``text``, as the rules see them."""
     return _WORD.findall(text.lower())
 
 

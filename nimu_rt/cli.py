@@ -22,6 +22,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the nimu-rt command; returns its exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
@@ -35,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="nimu-rt",
         description="Real-time backend for paid Veo 3 video generation.",
@@ -128,6 +130,7 @@ def _settings_for_serve(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``nimu-rt serve``: run the server until a signal stops it."""
     import uvicorn
 
     from nimu_rt.api.ws import uvicorn_options
@@ -205,6 +208,7 @@ def _redact(url: str) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """``nimu-rt migrate``: apply pending migrations and exit."""
     from nimu_rt.store import create_store
 
     settings = load_settings()
@@ -227,6 +231,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    """``nimu-rt token``: print a signed bearer token, alone on stdout."""
     from nimu_rt.auth import TokenAuthority, principal_from_claims, signing_secret
 
     settings = load_settings()
@@ -263,6 +268,7 @@ def cmd_veo3_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_setup_bucket(args: argparse.Namespace) -> int:
+    """``nimu-rt setup-bucket``: apply CORS and lifecycle rules to the bucket."""
     from nimu_rt.errors import ConfigError
     from nimu_rt.storage.bucket import setup_bucket
     from nimu_rt.storage.r2 import R2Storage

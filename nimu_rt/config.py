@@ -47,6 +47,8 @@ class _Section(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ServerSettings(_Section, kw_only=True):
+    """``[server]``: where the service listens and keeps its files."""
+
     host: str = "127.0.0.1"
     port: Port = 8000
     # Where the embedded default keeps its SQLite file, videos and dev key.
@@ -63,6 +65,8 @@ class ServerSettings(_Section, kw_only=True):
 
 
 class DatabaseSettings(_Section, kw_only=True):
+    """``[database]``: the store (SQLite by default, or PostgreSQL)."""
+
     # Empty means the embedded default, SQLite at {data_dir}/nimu.db.
     # Otherwise postgresql://... or sqlite:///path/to/file.db.
     url: str = ""
@@ -85,6 +89,8 @@ JWT_ALGORITHMS = (
 
 
 class AuthSettings(_Section, kw_only=True):
+    """``[auth]``: how bearer tokens are verified and issued."""
+
     # Shared secret for HS256 tokens. Empty in the embedded default means a
     # dev key generated once and kept in {data_dir}/dev-signing-key.
     jwt_secret: str = ""
@@ -130,6 +136,8 @@ class AuthSettings(_Section, kw_only=True):
 
 
 class GenerationSettings(_Section, kw_only=True):
+    """``[generations]``: limits and defaults of a generation request."""
+
     # Model used when a request names none; must be a key of [pricing].
     default_model: str = "veo-3.1-generate-001"
     max_prompt_chars: Annotated[int, Meta(ge=1, le=20000)] = 2000
@@ -163,6 +171,8 @@ def _default_pricing() -> dict[str, dict[str, Rate]]:
 
 
 class QueueSettings(_Section, kw_only=True):
+    """``[queue]``: dispatch limits, retries, leases and deadlines."""
+
     # Veo 3 quotas are per Google Cloud project, so these two limits hold for
     # the whole cluster, not per instance.
     max_concurrent_operations: PositiveInt = 10
@@ -206,6 +216,8 @@ class QueueSettings(_Section, kw_only=True):
     maintenance_interval_s: PositiveFloat = 3600.0
 
 class Veo3Settings(_Section, kw_only=True):
+    """``[veo3]``: which Veo 3 provider, and how it is called."""
+
     # Who makes the videos: the built-in simulator (started with the server),
     # Google's Gemini API, or Vertex AI.
     provider: Literal["simulator", "gemini", "vertex"] = "simulator"
@@ -259,6 +271,8 @@ Rate01 = Annotated[float, Meta(ge=0, le=1)]
 
 
 class SimulatorSettings(_Section, kw_only=True):
+    """``[simulator]``: the built-in Veo 3 simulator and its faults."""
+
     # Seconds an operation stays running before it is done.
     generation_s: NonNegativeFloat = 5.0
     # Pixels on the short side of simulated videos (Google's are 720 or
@@ -314,6 +328,8 @@ ImageType = Literal["image/png", "image/jpeg", "image/webp"]
 
 
 class StorageSettings(_Section, kw_only=True):
+    """``[storage]``: where videos go (local files or R2) and how."""
+
     # "local": files under local_dir, served by this app at signed URLs (the
     # embedded default). "r2": Cloudflare R2 through its S3 API.
     backend: Literal["local", "r2"] = "local"
@@ -381,11 +397,15 @@ class StorageSettings(_Section, kw_only=True):
 
 
 class LoggingSettings(_Section, kw_only=True):
+    """``[logging]``: level and format of the service's logs."""
+
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "text"
 
 
 class SecuritySettings(_Section, kw_only=True):
+    """``[security]``: CORS, headers, sizes, rate limits, spend cap."""
+
     # Browser origins allowed to call the REST API (CORS), e.g.
     # ["https://app.example.com"]; "*" allows any. Empty: no CORS headers,
     # so browsers only allow same-origin calls.
@@ -418,6 +438,8 @@ class SecuritySettings(_Section, kw_only=True):
 
 
 class MetricsSettings(_Section, kw_only=True):
+    """``[metrics]``: the Prometheus page, and whether it has a port of its own."""
+
     # Serve Prometheus metrics at all.
     enabled: bool = True
     # false: /metrics on the service's own port, for admin and service
@@ -429,6 +451,8 @@ class MetricsSettings(_Section, kw_only=True):
 
 
 class RealtimeSettings(_Section, kw_only=True):
+    """``[realtime]``: the WebSocket protocol's deadlines and limits."""
+
     # Seconds a /ws connection opened without an Authorization header has to
     # send its auth message before it is closed (4408).
     auth_deadline_s: PositiveFloat = 10.0

@@ -25,6 +25,8 @@ from nimu_rt.errors import InvalidTransition
 
 
 class Status(StrEnum):
+    """Where a generation is in its lifecycle; the wire uses these words."""
+
     PENDING_CLARIFICATION = "pending_clarification"
     AWAITING_CONFIRMATION = "awaiting_confirmation"
     QUEUED = "queued"
@@ -41,6 +43,8 @@ class Status(StrEnum):
 
 
 class Action(StrEnum):
+    """What moves a generation from one status to the next (the table's rows)."""
+
     CLARIFY = "clarify"
     CONFIRM = "confirm"
     DISPATCH = "dispatch"

@@ -107,6 +107,7 @@ class ContextFilter(logging.Filter):
 
 
 def extras(record: logging.LogRecord) -> dict[str, Any]:
+    """The fields a record got through ``extra`` (or bound ids)."""
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
 

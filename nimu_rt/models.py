@@ -47,6 +47,8 @@ class Question(Record, kw_only=True):
 
 
 class Clarification(Record, kw_only=True):
+    """The questions asked about a prompt and the answers given."""
+
     questions: list[Question] = msgspec.field(default_factory=list)
     answers: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -96,6 +98,8 @@ class ErrorInfo(Record, kw_only=True):
 
 
 class Generation(Record, kw_only=True):
+    """One requested video: its request, price, status, progress and result."""
+
     id: str
     user_id: str
     status: Status
@@ -158,6 +162,7 @@ def to_builtins(record: Struct) -> dict[str, Any]:
 
 
 def encode(value: Any) -> bytes:
+    """JSON bytes of any record or builtin value."""
     return _encoder.encode(value)
 
 

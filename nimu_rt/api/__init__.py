@@ -18,6 +18,7 @@ from nimu_rt.api import (
 
 
 def all_routes() -> list[BaseRoute]:
+    """Every HTTP and WebSocket route of the app, in matching order."""
     return [
         *health.routes,
         *generations.routes,

@@ -131,6 +131,7 @@ def validation_item(message: str) -> dict[str, str]:
 def query_int(
     request: Request, name: str, default: int, *, minimum: int, maximum: int
 ) -> int:
+    """An integer query parameter within bounds; 422 with its path otherwise."""
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -174,6 +175,7 @@ def query_float(
 
 
 def encode_cursor(value: str) -> str:
+    """An opaque cursor for the id a list page ended at."""
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
 
@@ -196,6 +198,7 @@ def decode_cursor(raw: str | None, name: str = "cursor") -> str | None:
 def json_response(
     value: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
+    """``value`` encoded with msgspec as an ``application/json`` answer."""
     return Response(
         _encoder.encode(value),
         status_code=status,

@@ -36,15 +36,17 @@ LONGPOLL_MAX_QUERY_S = 3600.0
 
 
 def etag(generation: Generation) -> str:
-    # seq changes with every stored change, so it names a version exactly.
+    """The generation's ETag: its seq, which every stored change bumps."""
     return f'"{generation.seq}"'
 
 
 def snapshot_response(generation: Generation, status: int = 200) -> Response:
+    """A generation as JSON with its ETag."""
     return json_response(generation, status, headers={"ETag": etag(generation)})
 
 
 async def create(request: Request) -> Response:
+    """``POST /api/generations``: questions or a price (201)."""
     caller = principal(request)
     body, raw = await read_body(request, CreateGenerationBody)
     generation, replayed = await services(request).generations.create(
@@ -61,6 +63,7 @@ async def create(request: Request) -> Response:
 
 
 async def list_generations(request: Request) -> Response:
+    """``GET /api/generations``: the caller's, newest first, paged."""
     caller = principal(request)
     limits = services(request).settings.generations
     limit = query_int(
@@ -162,6 +165,7 @@ async def _disconnected(request: Request, changed: asyncio.Event) -> None:
 
 
 def not_modified(generation: Generation) -> Response:
+    """A 304 answer carrying the generation's current ETag."""
     return Response(status_code=304, headers={"ETag": etag(generation)})
 
 
@@ -189,6 +193,7 @@ async def events(request: Request) -> Response:
 
 
 async def clarify(request: Request) -> Response:
+    """``POST .../clarify``: merge the answers into the final prompt."""
     caller = principal(request)
     body, _ = await read_body(request, ClarifyBody)
     generation = await services(request).generations.clarify(
@@ -198,6 +203,7 @@ async def clarify(request: Request) -> Response:
 
 
 async def confirm(request: Request) -> Response:
+    """``POST .../confirm``: accept the price and queue the job."""
     caller = principal(request)
     body, _ = await read_body(request, ConfirmBody)
     generation = await services(request).generations.confirm(
@@ -207,6 +213,7 @@ async def confirm(request: Request) -> Response:
 
 
 async def cancel(request: Request) -> Response:
+    """``POST .../cancel``: stop the generation wherever it runs."""
     caller = principal(request)
     generation = await services(request).generations.cancel(
         caller, request.path_params["id"]
@@ -215,6 +222,7 @@ async def cancel(request: Request) -> Response:
 
 
 async def retry(request: Request) -> Response:
+    """``POST .../retry``: queue a failed or cancelled generation again."""
     caller = principal(request)
     generation = await services(request).generations.retry(
         caller, request.path_params["id"]
@@ -223,6 +231,7 @@ async def retry(request: Request) -> Response:
 
 
 async def override_status(request: Request) -> Response:
+    """``PUT .../status``: an operator's validated override."""
     caller = principal(request)
     caller.require_operator()
     body, _ = await read_body(request, StatusOverrideBody)

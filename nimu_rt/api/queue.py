@@ -29,6 +29,8 @@ from nimu_rt.store.base import Instance
 
 
 class WorkerBody(Body, kw_only=True):
+    """The body of ``POST /api/queue/workers``."""
+
     instance_id: str
     # Stop giving this instance new jobs (its running jobs finish), or undo.
     drain: bool | None = None
@@ -103,6 +105,7 @@ async def pause(request: Request) -> Response:
 
 
 async def resume(request: Request) -> Response:
+    """Dispatch queued jobs again after a pause."""
     operator(request)
     await _set_paused(request, False)
     return await stats(request)

@@ -24,6 +24,8 @@ class Body(Struct, rename="camel", forbid_unknown_fields=True, kw_only=True):
 
 
 class CreateGenerationBody(Body, kw_only=True):
+    """The body of ``POST /api/generations``; omitted options take defaults."""
+
     prompt: str
     model: str | None = None
     aspect_ratio: AspectRatio | None = None
@@ -36,21 +38,29 @@ class CreateGenerationBody(Body, kw_only=True):
 
 
 class ClarifyBody(Body, kw_only=True):
+    """The body of ``POST .../clarify``: one answer per question id."""
+
     answers: dict[str, str]
 
 
 class ConfirmBody(Body, kw_only=True):
+    """The body of ``POST .../confirm``."""
+
     # The price the user saw and accepted; refused if below the estimate.
     accepted_cost_usd: Annotated[float, Meta(ge=0)]
 
 
 class ErrorBody(Body, kw_only=True):
+    """An operator's failure reason, shown to the user."""
+
     code: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
     message: str
     retryable: bool = False
 
 
 class StatusOverrideBody(Body, kw_only=True):
+    """The body of ``PUT .../status``."""
+
     status: Status
     reason: str | None = None
     # Only with status "failed": what the user is told.

@@ -91,6 +91,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
+    """``/ws``: one connection per tab, multiplexed by topic (see the README)."""
     connection = Connection(websocket)
     # Every record of this connection carries its id.
     with logs.bound(conn_id=connection.conn_id):

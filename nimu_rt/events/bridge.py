@@ -51,6 +51,8 @@ _FIRST_RETRY_S = 0.1
 
 
 class Ephemeral(msgspec.Struct, kw_only=True):
+    """A message that is not stored, as it crosses to other instances."""
+
     topic: str
     type: str
     data: Any

@@ -73,6 +73,8 @@ class Subscribe(ClientFrame, tag="subscribe", kw_only=True):
 
 
 class Unsubscribe(ClientFrame, tag="unsubscribe", kw_only=True):
+    """Client op: stop receiving a topic."""
+
     topic: TopicName
 
 

@@ -53,10 +53,12 @@ COALESCING_TYPES = frozenset({EventType.PROGRESS, EventType.QUEUE})
 
 
 def generation_topic(generation_id: str) -> str:
+    """The topic of one generation's events."""
     return GENERATION_PREFIX + generation_id
 
 
 def user_topic(user_id: str) -> str:
+    """The topic of every generation of one user."""
     return USER_PREFIX + user_id
 
 

@@ -70,6 +70,8 @@ Message = Dispatched | Wake | Command | Reply
 
 
 class Envelope(msgspec.Struct, kw_only=True):
+    """A message with its sender and its addressee (an instance, all, or the leader)."""
+
     to: str
     sender: str
     message: Message

@@ -47,11 +47,13 @@ async def candidates(store: Store, limit: int) -> list[Job]:
 
 
 async def running_jobs(store: Store) -> list[Job]:
+    """Every job leased to some instance."""
     rows = await store.fetch("SELECT doc FROM jobs WHERE state = 'running'")
     return [decode_job(r[0]) for r in rows]
 
 
 async def jobs_leased_to(store: Store, instance_id: str) -> list[Job]:
+    """The running jobs one instance holds."""
     rows = await store.fetch(
         "SELECT doc FROM jobs WHERE state = 'running' AND lease_owner = $1",
         instance_id,
@@ -60,6 +62,7 @@ async def jobs_leased_to(store: Store, instance_id: str) -> list[Job]:
 
 
 async def queued_count_by_priority(store: Store) -> dict[int, int]:
+    """Queued jobs per priority, highest first."""
     rows = await store.fetch(
         "SELECT priority, count(*) FROM jobs WHERE state = 'queued'"
         " GROUP BY priority ORDER BY priority DESC"
@@ -68,6 +71,7 @@ async def queued_count_by_priority(store: Store) -> dict[int, int]:
 
 
 async def finished_since(store: Store, since: dt.datetime) -> list[Job]:
+    """Jobs that finished since ``since``."""
     rows = await store.fetch(
         "SELECT doc FROM jobs WHERE state = 'finished' AND finished_at >= $1",
         since,
@@ -130,6 +134,7 @@ async def register_instance(store: Store, instance: Instance) -> None:
 
 
 async def list_instances(store: Store) -> list[Instance]:
+    """Every registered instance, oldest first (alive or not)."""
     rows = await store.fetch(
         "SELECT id, host, pid, version, started_at, heartbeat_at, concurrency,"
         " draining, running FROM instances ORDER BY started_at, id"
@@ -157,6 +162,7 @@ async def update_instance(
     concurrency: int | None = None,
     draining: bool | None = None,
 ) -> bool:
+    """Change an instance's concurrency or drain flag; False if unknown."""
     changed = await store.execute(
         "UPDATE instances SET concurrency = coalesce($2, concurrency),"
         " draining = coalesce($3, draining) WHERE id = $1",
@@ -178,11 +184,13 @@ async def forget_instances(store: Store, older_than: dt.datetime) -> int:
 
 
 async def get_control(store: Store, name: str) -> str | None:
+    """A queue control's value (e.g. paused), or None when never set."""
     rows = await store.fetch("SELECT value FROM queue_controls WHERE name = $1", name)
     return rows[0][0] if rows else None
 
 
 async def set_control(tx: Transaction, name: str, value: str) -> None:
+    """Set a queue control, within the caller's transaction."""
     await tx.execute(
         "INSERT INTO queue_controls (name, value) VALUES ($1, $2)"
         " ON CONFLICT (name) DO UPDATE SET value = excluded.value",

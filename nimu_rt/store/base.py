@@ -106,6 +106,8 @@ class Instance(Record, kw_only=True):
 
 
 class Migration(msgspec.Struct, frozen=True):
+    """One versioned SQL file of a dialect."""
+
     version: int
     name: str
     sql: str
@@ -379,6 +381,7 @@ _encode = msgspec.json.Encoder().encode
 
 
 def decode_job(doc: str | bytes) -> Job:
+    """A job from its stored JSON document."""
     return _job_decoder.decode(doc)
 
 
@@ -408,6 +411,7 @@ ON CONFLICT (id) DO UPDATE SET priority = excluded.priority,
 
 
 def job_row(job: Job) -> tuple[Any, ...]:
+    """The column values of a job, in UPSERT_JOB's order."""
     return (
         job.id,
         job.generation_id,

@@ -68,6 +68,8 @@ async def translate_errors() -> AsyncIterator[None]:
 
 
 class PostgresStore(Store):
+    """The store on PostgreSQL, through one asyncpg pool."""
+
     kind = "postgres"
 
     def __init__(
@@ -261,6 +263,8 @@ class PostgresStore(Store):
 
 
 class PostgresTransaction(Transaction):
+    """A transaction on one pooled connection."""
+
     def __init__(
         self, conn: asyncpg.Connection, notifier: Notifier | None = None
     ) -> None:

@@ -58,6 +58,7 @@ def format_time(value: dt.datetime) -> str:
 
 
 def parse_time(text: str) -> dt.datetime:
+    """A time written by :func:`format_time`, as an aware UTC datetime."""
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
 
 
@@ -79,6 +80,8 @@ def sqlite_sql(sql: str) -> str:
 
 
 class SqliteStore(Store):
+    """The store in one SQLite file (the embedded default)."""
+
     kind = "sqlite"
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
@@ -279,6 +282,8 @@ class SqliteStore(Store):
 
 
 class SqliteTransaction(Transaction):
+    """A transaction holding SQLite's single write lock."""
+
     def __init__(self, store: SqliteStore) -> None:
         super().__init__()
         self._store = store
