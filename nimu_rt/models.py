@@ -156,11 +156,6 @@ def utcnow() -> dt.datetime:
 _encoder = msgspec.json.Encoder()
 
 
-def to_builtins(record: Struct) -> dict[str, Any]:
-    """A record as JSON-ready builtins with wire (camelCase) names."""
-    return msgspec.to_builtins(record)
-
-
 def encode(value: Any) -> bytes:
     """JSON bytes of any record or builtin value."""
     return _encoder.encode(value)

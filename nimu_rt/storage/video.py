@@ -36,7 +36,7 @@ import fractions
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,7 +45,7 @@ import msgspec
 
 from nimu_rt.config import StorageSettings
 from nimu_rt.errors import InvalidVideo
-from nimu_rt.models import Generation, VideoInfo
+from nimu_rt.models import VideoInfo
 from nimu_rt.storage.base import (
     ProgressCallback,
     SourceOpener,
@@ -445,25 +445,6 @@ async def finalize_video(
         has_audio=meta.has_audio,
         thumbnail_key=thumb_key,
     )
-
-
-def finalizer(
-    settings: StorageSettings,
-) -> Callable[[Storage, StoredObject, Generation], Awaitable[VideoInfo]]:
-    """:func:`finalize_video` in the shape the job actor calls it.
-
-    Without a spool file the video is read back from storage (on R2, a
-    second download); :func:`store_video` avoids that.
-    """
-
-    async def finalize(
-        storage: Storage, stored: StoredObject, generation: Generation
-    ) -> VideoInfo:
-        return await finalize_video(
-            storage, stored, settings=settings, generation_id=generation.id
-        )
-
-    return finalize
 
 
 async def _download(storage: Storage, key: str, settings: StorageSettings) -> Path:

@@ -369,10 +369,6 @@ class Store(abc.ABC):
         """Events with ``seq > since_seq``, in order, at most ``limit``."""
 
     @abc.abstractmethod
-    async def first_event_seq(self, generation_id: str) -> int | None:
-        """The oldest seq still kept (history before it was pruned)."""
-
-    @abc.abstractmethod
     async def counts_by_status(self) -> dict[str, int]: ...
 
 

@@ -247,13 +247,6 @@ class PostgresStore(Store):
             )
         return [_event(r) for r in rows]
 
-    async def first_event_seq(self, generation_id: str) -> int | None:
-        async with translate_errors():
-            return await self.pool.fetchval(
-                "SELECT min(seq) FROM generation_events WHERE generation_id = $1",
-                generation_id,
-            )
-
     async def counts_by_status(self) -> dict[str, int]:
         async with translate_errors():
             rows = await self.pool.fetch(

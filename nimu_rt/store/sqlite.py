@@ -263,15 +263,6 @@ class SqliteStore(Store):
         )
         return [_event(r) for r in rows]
 
-    async def first_event_seq(self, generation_id: str) -> int | None:
-        row = await self._read(
-            lambda c: c.execute(
-                "SELECT min(seq) FROM generation_events WHERE generation_id = ?",
-                (generation_id,),
-            ).fetchone()
-        )
-        return row[0] if row else None
-
     async def counts_by_status(self) -> dict[str, int]:
         rows = await self._read(
             lambda c: c.execute(
