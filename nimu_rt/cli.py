@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -132,14 +131,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from nimu_rt.api.ws import uvicorn_options
     from nimu_rt.app import Services, create_app
+    from nimu_rt.sockets import listening_socket
 
     settings = _settings_for_serve(args)
     logs.configure(settings.logging)
-    family = socket.AF_INET6 if ":" in settings.server.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Listening now, before the banner: a client that reads the URL and
+    # connects at once waits in the backlog instead of being refused.
     try:
-        sock.bind((settings.server.host, settings.server.port))
+        sock = listening_socket(settings.server.host, settings.server.port)
     except OSError as exc:
         print(
             f"nimu-rt: cannot listen on {settings.server.host}:"
@@ -147,9 +146,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    # Listening now, before the banner: a client that reads the URL and
-    # connects at once waits in the backlog instead of being refused.
-    sock.listen(2048)
     port = sock.getsockname()[1]
     if port != settings.server.port:
         settings = load_settings(
