@@ -294,8 +294,11 @@ class RequestIdMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        # WebSocket frames go straight through: the wrapper only touches
+        # HTTP responses, and a connection may send thousands of frames.
+        outgoing = send_with_id if scope["type"] == "http" else send
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, outgoing)
         finally:
             if scope["type"] == "http":
                 log.info(
