@@ -172,7 +172,9 @@ def run_nimu(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         with h.processes() as procs:
             server = h.Proc(
-                f"nimu-server-n{n}", [h.NIMU_RT, "serve", "--port", str(port)], env=env
+                f"nimu-server-n{n}",
+                [*args.server_cmd.split(), "serve", "--port", str(port)],
+                env=env,
             )
             procs.append(server)
             server.wait_for(r"serving on", 60)
@@ -196,6 +198,10 @@ def run_nimu(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 pg_clients=["server", "publisher"],
             )
             ledger.start()
+            if args.profile:
+                result_profile = h.profile(
+                    f"fanout-nimu-{n}", server.pid, args.duration_s, procs
+                )
             pub = h.Proc(
                 f"nimu-publisher-n{n}",
                 [
@@ -213,6 +219,8 @@ def run_nimu(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             result = collect(clients, published, args.duration_s)
             result.update(connect)
             result["publish_failures"] = published.get("failures", 0)
+            if args.profile:
+                result["profile"] = str(result_profile)
             result["rss_mib_before"] = round(rss_before / 2**20, 1)
             result["rss_mib_connected"] = round(rss_connected / 2**20, 1)
             result["rss_kib_per_connection"] = round(
@@ -275,6 +283,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--drain-s", type=float, default=1.0)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--only", choices=["nimu", "socketio"], default=None)
+    parser.add_argument("--server-cmd", default=h.NIMU_RT,
+                        help="what runs `serve` (to try a wrapped server)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the nimu_rt server while it publishes")
     parser.add_argument("--smoke", action="store_true",
                         help="short, and no wait for a quiet machine")
     args = parser.parse_args(argv)

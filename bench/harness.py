@@ -553,3 +553,23 @@ def token(user_id: str, role: str = "user", ttl_s: int = 86400) -> str:
     if role != "user":
         claims["role"] = role
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+def profile(name: str, pid: int, duration_s: float, procs: list[Proc]) -> Path:
+    """Start py-spy on ``pid`` for ``duration_s``; the raw profile's path.
+
+    Sampling costs the profiled process a little: runs with a profile are
+    for finding where time goes, not for the figures.
+    """
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"profile-{name}-{stamp()}.txt"
+    spy = Proc(
+        f"py-spy-{name}",
+        [
+            str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
+            "-d", str(max(1, int(duration_s))), "-r", "100", "-f", "raw",
+            "-o", str(out), "--nonblocking",
+        ],
+    )
+    procs.append(spy)
+    return out
