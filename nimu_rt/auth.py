@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -89,13 +90,32 @@ def load_or_create_dev_key(data_dir: Path) -> str:
     return key
 
 
+# Tokens remembered as verified, at most; the oldest is forgotten first.
+VERIFIED_CACHE_SIZE = 4096
+
+
+def _now_s() -> float:
+    return time.time()
+
+
 class TokenAuthority:
-    """Verifies bearer tokens and issues dev tokens."""
+    """Verifies bearer tokens and issues dev tokens.
+
+    A token that verified is remembered (by its exact text, signature
+    included) until it expires, so a tab polling its generation every
+    second is not charged a signature check each time: that check cost more
+    than the rest of a status read. A remembered token is refused from its
+    expiry on, as a fresh check would refuse it. Nothing else about a token
+    can change while it is valid (there is no revocation), so remembering
+    it does not change who is let in.
+    """
 
     def __init__(self, settings: Settings, secret: str) -> None:
         self.settings = settings
         self._secret = secret
         self._algorithms = list(settings.auth.algorithms)
+        # token -> (principal, the time it stops being accepted)
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     def issue(
         self,
@@ -124,6 +144,13 @@ class TokenAuthority:
     def verify(self, token: str) -> Principal:
         """The principal of a valid token; Unauthorized for anything else."""
         auth = self.settings.auth
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            principal, accepted_until = remembered
+            if _now_s() < accepted_until:
+                return principal
+            del self._verified[token]
+            raise Unauthorized("the token has expired")
         try:
             claims = jwt.decode(
                 token,
@@ -140,7 +167,15 @@ class TokenAuthority:
             raise Unauthorized("the token is not valid yet") from None
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"the token is not valid: {exc}") from None
-        return principal_from_claims(claims)
+        principal = principal_from_claims(claims)
+        self._remember(token, principal, float(claims["exp"]) + auth.leeway_s)
+        return principal
+
+    def _remember(self, token: str, principal: Principal, until_s: float) -> None:
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            # Dicts keep insertion order: the first key is the oldest.
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (principal, until_s)
 
     def authenticate(self, authorization: str | None) -> Principal:
         """Verify an ``Authorization: Bearer ...`` header value."""
