@@ -141,12 +141,21 @@ def run_nimu(
             ledger = h.Ledger(roles, pg_clients=["server"])
             time.sleep(max(0.0, start_at + args.warmup_s - time.time()))
             ledger.start()
+            profile = None
+            if args.profile:
+                profile = h.profile(
+                    f"lifecycle-{args.variant}-c{level}", server.pid,
+                    args.measure_s, procs,
+                )
             time.sleep(args.measure_s)
             report = ledger.stop()
             results = [
                 p.wait_result("lifecycle-load", args.measure_s + 120) for p in loads
             ]
-        return summarize(results, report, args.measure_s)
+        summary = summarize(results, report, args.measure_s)
+        if profile is not None:
+            summary["profile"] = str(profile)
+        return summary
     finally:
         h.drop_schema(schema)
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -237,6 +246,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--loadgen-procs", type=int, default=2)
     parser.add_argument("--no-aof", action="store_true")
+    parser.add_argument("--no-bullmq", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the nimu_rt server during the window")
     parser.add_argument(
         "--smoke", action="store_true", help="short, and no wait for a quiet machine"
     )
@@ -267,11 +279,11 @@ def main(argv: list[str]) -> int:
         for level in levels:
 
             def one_run(level: int = level) -> dict[str, Any]:
-                out: dict[str, Any] = {
-                    "bullmq": run_bullmq(level, args, h.REDIS_PORT),
-                    "nimu_rt": run_nimu(level, args, sim_url),
-                }
-                if aof_port is not None:
+                out: dict[str, Any] = {}
+                if not args.no_bullmq:
+                    out["bullmq"] = run_bullmq(level, args, h.REDIS_PORT)
+                out["nimu_rt"] = run_nimu(level, args, sim_url)
+                if aof_port is not None and not args.no_bullmq:
                     out["bullmq_aof"] = run_bullmq(level, args, aof_port)
                 out["ledgers"] = [v["ledger"] for v in out.values()]
                 return out
@@ -290,33 +302,38 @@ def _cpu(side: dict[str, Any]) -> str:
 
 
 def render_level(level: int, result: dict[str, Any]) -> str:
-    n, b = result["nimu_rt"], result["bullmq"]
+    n = result["nimu_rt"]
     line = (
         f"c{level}: nimu_rt {n['jobs_per_s']} jobs/s ({_cpu(n)}; lost"
-        f" {n['lost_events']}, errors {n['errors']})  BullMQ {b['jobs_per_s']}"
-        f" jobs/s ({_cpu(b)}; lost {b['lost_events']})"
+        f" {n['lost_events']}, errors {n['errors']})"
     )
-    if "bullmq_aof" in result:
-        a = result["bullmq_aof"]
-        line += f"  BullMQ-AOF {a['jobs_per_s']} jobs/s ({_cpu(a)})"
+    for name, label in (("bullmq", "BullMQ"), ("bullmq_aof", "BullMQ-AOF")):
+        if name in result:
+            b = result[name]
+            line += (
+                f"  {label} {b['jobs_per_s']} jobs/s ({_cpu(b)}; lost"
+                f" {b['lost_events']})"
+            )
     return line
 
 
 def render(doc: dict[str, Any]) -> str:
     rows = []
+    empty = {"jobs_per_s": None, "latency_ms_p50": None, "lost_events": 0}
     for level, result in doc["levels"].items():
-        n, b = result["nimu_rt"], result["bullmq"]
-        a = result.get("bullmq_aof")
+        n = result["nimu_rt"]
+        b = result.get("bullmq", empty)
+        a = result.get("bullmq_aof", empty)
         rows.append(
             [
                 level,
-                b["jobs_per_s"],
-                a["jobs_per_s"] if a else "-",
+                b["jobs_per_s"] or "-",
+                a["jobs_per_s"] or "-",
                 n["jobs_per_s"],
                 h.ratio(n["jobs_per_s"], b["jobs_per_s"]),
-                h.ratio(n["jobs_per_s"], a["jobs_per_s"]) if a else "-",
+                h.ratio(n["jobs_per_s"], a["jobs_per_s"]),
                 f"{n['latency_ms_p50']} / {b['latency_ms_p50']}",
-                n["lost_events"] + b["lost_events"] + (a["lost_events"] if a else 0),
+                n["lost_events"] + b["lost_events"] + a["lost_events"],
                 max(led["foreign_cores"] for led in result["ledgers"]),
             ]
         )
