@@ -87,7 +87,10 @@ class Services:
         return self._veo3
 
     async def _start_veo3(self) -> None:
-        if self.settings.veo3.provider == "simulator":
+        # With veo3.base_url the simulator runs elsewhere (`nimu-rt veo3-sim`,
+        # shared by the instances of a cluster); without, this process runs it.
+        cfg = self.settings.veo3
+        if cfg.provider == "simulator" and not cfg.base_url:
             self.simulator = SimulatorServer(self.settings)
             base_url = await self.simulator.start()
             self._veo3 = create_veo3_client(self.settings, base_url=base_url)

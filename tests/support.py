@@ -37,7 +37,7 @@ async def postgres_reachable(url: str) -> str | None:
     """None when PostgreSQL answers at ``url``, else why not."""
     try:
         conn = await asyncpg.connect(url, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         return f"{type(exc).__name__}: {exc}"
     await conn.close()
     return None

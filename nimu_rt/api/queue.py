@@ -24,7 +24,7 @@ from nimu_rt.jobs.commands import Intent, apply_command
 from nimu_rt.jobs.coordinator import COORDINATOR, PAUSED, RATE_WINDOW
 from nimu_rt.lifecycle import Action, Status
 from nimu_rt.models import utcnow
-from nimu_rt.store.base import Instance, Job
+from nimu_rt.store.base import Instance
 
 
 class WorkerBody(Body, kw_only=True):
@@ -86,7 +86,9 @@ async def stats(request: Request) -> Response:
                 else None
             ),
             "spendUsd": {
-                "lastHour": await queries.spend_since(store, now - dt.timedelta(hours=1)),
+                "lastHour": await queries.spend_since(
+                    store, now - dt.timedelta(hours=1)
+                ),
                 "today": await queries.spend_since(store, day_start),
                 "total": await queries.spend_since(store, None),
             },
@@ -192,7 +194,6 @@ def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None
 async def workers(request: Request) -> Response:
     """Instances with their heartbeat, load, concurrency and drain flag."""
     operator(request)
-    svc = services(request)
     return json_response({"items": await _instances(request)})
 
 

@@ -34,7 +34,7 @@ import dataclasses
 import datetime as dt
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -63,7 +63,7 @@ from nimu_rt.lifecycle import (
     uploading_progress,
 )
 from nimu_rt.jobs.commands import apply_command
-from nimu_rt.models import ErrorInfo, EventType, Generation, VideoInfo, utcnow
+from nimu_rt.models import ErrorInfo, EventType, Generation, utcnow
 from nimu_rt.storage.base import Storage, UploadState
 from nimu_rt.storage.keys import video_key
 from nimu_rt.storage.reference import load_reference_image
@@ -293,15 +293,17 @@ class JobActor:
         return max(0.0, deadline_s - (utcnow() - started).total_seconds())
 
     async def _submit(self, job: Job, generation: Generation) -> tuple[Job, Generation]:
-        # 1. Mark the paid call before making it (see the module docstring).
+        # 1. Everything that can fail without cost happens first.
+        image = await self._reference_image(generation)
+        # 2. Mark the paid call before making it (see the module docstring).
         async with self._fenced() as (tx, job, generation):
             job = msgspec.structs.replace(job, submit_started_at=utcnow())
             await tx.upsert_job(job)
-        # 2. Submit, within the phase deadline.
-        remaining = self._remaining_s(job, self.ctx.settings.queue.submitting_deadline_s)
+        # 3. Submit, within the phase deadline.
+        queue = self.ctx.settings.queue
+        remaining = self._remaining_s(job, queue.submitting_deadline_s)
         try:
             async with asyncio.timeout(remaining):
-                image = await self._reference_image(generation)
                 name = await self.ctx.veo3.generate_video(
                     generation.final_prompt or generation.prompt,
                     generation.options,
@@ -321,7 +323,7 @@ class JobActor:
             name,
             extra={"action": "job.submitted", **self._log_ids},
         )
-        # 3. Persist the name with the move to generating.
+        # 4. Persist the name with the move to generating.
         return await self._accepted(name)
 
     async def _accepted(self, name: str) -> tuple[Job, Generation]:
@@ -374,7 +376,9 @@ class JobActor:
                     match result:
                         case Running():
                             elapsed = (utcnow() - started).total_seconds()
-                            self._progress.report(generating_progress(elapsed, typical_s))
+                            self._progress.report(
+                                generating_progress(elapsed, typical_s)
+                            )
                             await asyncio.sleep(self.ctx.veo3.next_poll_delay_s(polls))
                         case Succeeded(video=video):
                             break
@@ -406,7 +410,9 @@ class JobActor:
             try:
                 return await self.ctx.veo3.poll(name)
             except Veo3Retryable as exc:
-                delay = max(exc.retry_after_s or 0.0, self.ctx.veo3.next_poll_delay_s(polls))
+                delay = max(
+                    exc.retry_after_s or 0.0, self.ctx.veo3.next_poll_delay_s(polls)
+                )
                 log.warning(
                     "poll failed (%s); again in %.1f s",
                     exc.code,
@@ -431,7 +437,9 @@ class JobActor:
     async def _upload(self, job: Job, generation: Generation, video: VideoRef) -> None:
         """Stream the video into storage, then record it: ``completed``."""
         settings = self.ctx.settings
-        key = video_key(settings.storage.video_prefix, generation.user_id, generation.id)
+        key = video_key(
+            settings.storage.video_prefix, generation.user_id, generation.id
+        )
         total = await self.ctx.veo3.video_size(video)
         self._progress.reset(generation.progress)
 
@@ -508,6 +516,7 @@ class JobActor:
     async def _fail(self, info: ErrorInfo) -> None:
         async with self._fenced() as (tx, job, generation):
             await self._finish(tx, job, "failed")
+            unfinished = job.upload is not None and job.upload.upload_id is not None
             await tx.change(
                 generation,
                 action=Action.FAIL,
@@ -515,33 +524,43 @@ class JobActor:
                 queue_position=None,
                 estimated_start_at=None,
             )
+        if unfinished:
+            # Nothing will resume it: leave no parts behind.
+            await self._abort_upload()
         log.info("job failed: %s", info.code, extra={"action": "job.failed",
                                                      **self._log_ids})
 
     async def _retry_later(self, exc: NimuError, new_operation: bool = False) -> None:
+        """Back to the queue after a backoff, or failed when attempts ran out.
+
+        With ``new_operation`` (Veo 3 ended the operation with a transient
+        error, which it does not bill) the next attempt submits anew;
+        otherwise it reuses the operation already paid for, if any, and
+        resumes the upload.
+        """
         info = error_info(exc)
         queue = self.ctx.settings.queue
-        async with self._fenced() as (tx, job, generation):
-            if generation.attempts >= queue.max_attempts:
-                info = msgspec.structs.replace(
+        job, generation = await self._read()
+        if generation.attempts >= queue.max_attempts:
+            await self._fail(
+                msgspec.structs.replace(
                     info,
                     message=f"{info.message} (gave up after"
                     f" {generation.attempts} attempts)",
                     retryable=True,
                 )
-                await self._finish(tx, job, "failed")
-                await tx.change(generation, action=Action.FAIL, error=info)
-                log.info("job failed after %s attempts", generation.attempts,
-                         extra={"action": "job.failed", **self._log_ids})
-                return
-            delay_s = backoff_s(
-                generation.attempts,
-                queue.backoff_initial_s,
-                queue.backoff_max_s,
-                getattr(exc, "retry_after_s", None),
             )
+            return
+        delay_s = backoff_s(
+            generation.attempts,
+            queue.backoff_initial_s,
+            queue.backoff_max_s,
+            getattr(exc, "retry_after_s", None),
+        )
+        async with self._fenced() as (tx, job, generation):
             now = utcnow()
             ran = (now - (job.dispatched_at or now)).total_seconds()
+            submitted = job.operation_name is not None and not new_operation
             await tx.upsert_job(
                 msgspec.structs.replace(
                     job,
@@ -553,17 +572,13 @@ class JobActor:
                     lease_expires_at=None,
                     # A submit that failed before acceptance certainly was
                     # not accepted, and a failed operation is over: either
-                    # way the next attempt submits anew.
-                    submit_started_at=(
-                        None
-                        if new_operation or not job.operation_name
-                        else job.submit_started_at
-                    ),
-                    operation_name=None if new_operation else job.operation_name,
+                    # way the next attempt may submit.
+                    submit_started_at=job.submit_started_at if submitted else None,
+                    operation_name=job.operation_name if submitted else None,
                     operation_started_at=(
-                        None if new_operation else job.operation_started_at
+                        job.operation_started_at if submitted else None
                     ),
-                    upload=None if new_operation else job.upload,
+                    upload=job.upload if submitted else None,
                     run_seconds=job.run_seconds + max(ran, 0.0),
                 )
             )

@@ -217,7 +217,7 @@ class PostgresCluster(Cluster):
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(**self._connect_kwargs)
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(self.channel, self._on_notify)
                 if connected.is_set():
                     # Messages may have been lost while disconnected: look
@@ -231,7 +231,7 @@ class PostgresCluster(Cluster):
                     )
                 connected.set()
                 await self._watch(conn, lost)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 log.warning(
                     "cluster channel lost: %s; reconnecting",
                     exc,
@@ -296,7 +296,7 @@ class PostgresCluster(Cluster):
             # Closing the session releases the lock.
             try:
                 await conn.close(timeout=self._retry_s)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, asyncpg.PostgresError):
                 conn.terminate()
 
     async def _acquire_lock(self) -> asyncpg.Connection:
@@ -311,7 +311,7 @@ class PostgresCluster(Cluster):
                     if got:
                         return conn
                     await asyncio.sleep(self._retry_s)
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 log.warning(
                     "cannot contend for coordination: %s",
                     exc,

@@ -100,7 +100,7 @@ class QueueCoordinator:
                 # next tick; coordination itself must not die.
                 log.exception("queue pass failed", extra={"action": "queue.pass"})
                 next_in = queue.tick_s
-            timeout = min(queue.tick_s, next_in if next_in is not None else queue.tick_s)
+            timeout = queue.tick_s if next_in is None else min(queue.tick_s, next_in)
             waiter = asyncio.ensure_future(self._wake.wait())
             loser = asyncio.ensure_future(lost.wait())
             try:

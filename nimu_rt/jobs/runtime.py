@@ -222,7 +222,7 @@ class JobRuntime:
         if current.id not in self.actors and self._running:
             self._start_actor(current)
 
-    # -- coordination -------------------------------------------------------------------
+    # -- coordination -----------------------------------------------------------
 
     async def _lead_loop(self) -> None:
         while True:
@@ -326,7 +326,7 @@ class JobRuntime:
             sender, Reply(command_id=command.command_id, problem=problem)
         )
 
-    # -- commands (JobCommands) -----------------------------------------------------------
+    # -- commands (JobCommands) -------------------------------------------------
 
     async def cancel(self, generation: Generation) -> Generation:
         return await self._command(generation.id, "cancel", None, None, None)
@@ -509,6 +509,11 @@ def _action(kind: str, current: Status, target: Status | None) -> Action:
     return action_for(current, target)
 
 
+_PROBLEM_MEMBERS = (
+    "type", "title", "status", "detail", "code", "instance", "requestId"
+)
+
+
 def error_from_problem(problem: dict[str, Any]) -> NimuError:
     """Rebuild the error another instance answered with, code and all."""
     code = problem.get("code", "internal_error")
@@ -524,7 +529,7 @@ def error_from_problem(problem: dict[str, Any]) -> NimuError:
     extra = {
         k: v
         for k, v in problem.items()
-        if k not in ("type", "title", "status", "detail", "code", "instance", "requestId")
+        if k not in _PROBLEM_MEMBERS
     }
     NimuError.__init__(error, problem.get("detail"), **extra)
     return error

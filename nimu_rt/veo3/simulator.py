@@ -58,6 +58,7 @@ combined::
     [sim:error=3]          or with the given gRPC code (3: INVALID_ARGUMENT)
     [sim:gen=30]           the operation runs 30 s instead of generation_s
     [sim:bytes=209715200]  the video is padded to this many bytes (a free box)
+    [sim:rate=1048576]     downloads are served at most this many bytes/s
     [sim:expired]          the download answers 404, as after retention
     [sim:FAULT]            inject FAULT once, on the submit
     [sim:FAULT@STAGE*N]    inject FAULT on the first N requests of STAGE
@@ -198,6 +199,8 @@ class Markers:
     error_code: int | None = None
     generation_s: float | None = None
     size_bytes: int | None = None
+    # Download speed limit, so that a test can catch a job mid-upload.
+    rate_bytes_per_s: float | None = None
     expired: bool = False
 
 
@@ -224,6 +227,8 @@ def parse_markers(prompt: str) -> Markers:
             markers.generation_s = float(value)
         elif name == "bytes" and value is not None:
             markers.size_bytes = int(float(value))
+        elif name == "rate" and value is not None and float(value) > 0:
+            markers.rate_bytes_per_s = float(value)
         elif name == "expired" and value is None:
             markers.expired = True
         else:
@@ -812,7 +817,10 @@ def create_simulator_app(settings: Settings) -> Starlette:
             await _hold(request, cfg.slow_s)
         video = await sim.video(op)
         return RangeVideoResponse(
-            video, request.headers.get("range"), drop=fault == "drop"
+            video,
+            request.headers.get("range"),
+            drop=fault == "drop",
+            rate_bytes_per_s=op.markers.rate_bytes_per_s,
         )
 
     # -- Vertex -----------------------------------------------------------------
@@ -979,8 +987,16 @@ class RangeVideoResponse(Response):
     """A video body honouring one ``Range``; with ``drop``, the connection is
     closed halfway through the body, as a network failure would."""
 
-    def __init__(self, video: PaddedVideo, range_header: str | None, *, drop: bool):
+    def __init__(
+        self,
+        video: PaddedVideo,
+        range_header: str | None,
+        *,
+        drop: bool,
+        rate_bytes_per_s: float | None = None,
+    ):
         super().__init__(media_type="video/mp4")
+        self._rate = rate_bytes_per_s
         size = video.size_bytes
         start, end = 0, size
         self.status_code = 200
@@ -1018,6 +1034,8 @@ class RangeVideoResponse(Response):
             stop = self._start + (self._end - self._start) // 2
         for chunk in self._video.iter_range(self._start, stop, _BODY_CHUNK_BYTES):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if self._rate:
+                await asyncio.sleep(len(chunk) / self._rate)
         if self._drop:
             # Returning without the final body message makes the server
             # close the connection mid-body: what the client must survive.

@@ -112,7 +112,8 @@ async def test_the_browser_client_follows_a_generation_over_the_websocket(
     )
     # Then one update per event, in seq order, nothing missing.
     after = first["seq"] + 1
-    assert [u["eventSeq"] for u in seen[1:]] == list(range(after, after + len(seen) - 1))
+    expected = list(range(after, after + len(seen) - 1))
+    assert [u["eventSeq"] for u in seen[1:]] == expected
     assert seen[-1]["status"] == "completed"
     assert await page.text_content("#mode") == "websocket"
     r = await api.client.get(f"/api/generations/{gid}", headers=api.headers())
