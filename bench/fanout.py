@@ -290,6 +290,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="short, and no wait for a quiet machine")
     args = parser.parse_args(argv)
+    h.exit_on_sigterm()
     if args.smoke:
         args.duration_s = 4.0
     levels = [int(x) for x in args.clients.split(",")]

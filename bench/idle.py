@@ -210,6 +210,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
+    h.exit_on_sigterm()
     if args.smoke:
         args.connections, args.jobs = 500, 100
     doc: dict[str, Any] = {

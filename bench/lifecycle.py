@@ -253,6 +253,7 @@ def main(argv: list[str]) -> int:
         "--smoke", action="store_true", help="short, and no wait for a quiet machine"
     )
     args = parser.parse_args(argv)
+    h.exit_on_sigterm()
     if args.smoke:
         args.warmup_s, args.measure_s = 1.0, 3.0
     levels = [int(x) for x in args.levels.split(",")]

@@ -90,6 +90,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
+    h.exit_on_sigterm()
     if args.smoke:
         args.duration_s = 3
     doc: dict[str, Any] = {

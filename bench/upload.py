@@ -40,6 +40,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sizes", default=f"{256 * 2**20},{2**30}")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
+    h.exit_on_sigterm()
     if args.smoke:
         args.sizes = str(64 * 2**20)
     sizes = [int(x) for x in args.sizes.split(",")]
