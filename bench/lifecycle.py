@@ -98,9 +98,9 @@ def run_nimu(
                 "NIMU_VEO3_POLL_INITIAL_S": "0",
             }
         )
-        cmd = [h.NIMU_RT, "serve", "--port", str(port)]
+        cmd = [*args.server_cmd.split(), "serve", "--port", str(port)]
     else:
-        cmd = [h.PYTHON, "-m", "bench.stripped_server", "--port", str(port)]
+        cmd = [*args.server_cmd.split(), "--port", str(port)]
     env["NIMU_LOGGING_LEVEL"] = args.log_level
     url = f"http://127.0.0.1:{port}"
     procs_n = 1 if level <= 10 else args.loadgen_procs
@@ -247,6 +247,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--loadgen-procs", type=int, default=2)
     parser.add_argument("--no-aof", action="store_true")
     parser.add_argument("--no-bullmq", action="store_true")
+    parser.add_argument("--server-cmd", default=None,
+                        help="what runs the server (e.g. an older checkout)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the nimu_rt server during the window")
     parser.add_argument(
@@ -256,6 +258,11 @@ def main(argv: list[str]) -> int:
     h.exit_on_sigterm()
     if args.smoke:
         args.warmup_s, args.measure_s = 1.0, 3.0
+    if args.server_cmd is None:
+        args.server_cmd = (
+            h.NIMU_RT if args.variant == "full"
+            else f"{h.PYTHON} -m bench.stripped_server"
+        )
     levels = [int(x) for x in args.levels.split(",")]
     doc: dict[str, Any] = {
         "bench": "lifecycle",

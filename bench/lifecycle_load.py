@@ -147,7 +147,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     window = (start + args.warmup_s, start + args.warmup_s + args.measure_s)
     stats = Stats(window)
     delay = start - time.time()
-    limits = httpx.Limits(max_connections=args.lanes + 4, max_keepalive_connections=args.lanes + 4)
+    # Kept-alive connections are dropped before uvicorn's 5 s idle timeout,
+    # so a request never races the server closing its connection.
+    limits = httpx.Limits(
+        max_connections=args.lanes + 4,
+        max_keepalive_connections=args.lanes + 4,
+        keepalive_expiry=4.0,
+    )
     async with httpx.AsyncClient(
         base_url=args.url, timeout=60, limits=limits
     ) as http:

@@ -89,6 +89,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--duration-s", type=int, default=15)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--server-cmd", default=h.NIMU_RT,
+                        help="what runs `serve` (e.g. an older checkout)")
     args = parser.parse_args(argv)
     h.exit_on_sigterm()
     if args.smoke:
@@ -108,8 +110,11 @@ def main(argv: list[str]) -> int:
             port = h.free_port()
             url = f"http://127.0.0.1:{port}"
             env = h.nimu_env(schema, data_dir, NIMU_LOGGING_LEVEL=args.log_level)
-            nimu = h.Proc("nimu-server-poll", [h.NIMU_RT, "serve", "--port",
-                                               str(port)], env=env)
+            nimu = h.Proc(
+                "nimu-server-poll",
+                [*args.server_cmd.split(), "serve", "--port", str(port)],
+                env=env,
+            )
             procs.append(nimu)
             nimu.wait_for(r"serving on", 60)
             auth = {"Authorization": f"Bearer {h.token('poll-user')}"}

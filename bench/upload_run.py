@@ -74,7 +74,7 @@ async def make_video(settings: Any, sim_url: str, size: int) -> tuple[Any, Video
     raise RuntimeError("the simulator did not finish the video")
 
 
-async def plain_upload(settings: Any, key: str, data: bytes) -> None:
+async def plain_upload(settings: Any, key: str, data: memoryview) -> None:
     s = settings.storage
     config = AioConfig(
         region_name=s.region,
@@ -104,7 +104,7 @@ async def plain_upload(settings: Any, key: str, data: bytes) -> None:
                     Key=key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=data[offset : offset + part],
+                    Body=bytes(data[offset : offset + part]),
                 )
                 parts.append({"PartNumber": number, "ETag": answer["ETag"]})
 
@@ -130,9 +130,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     rss_before = psutil.Process().memory_info().rss
     extra: dict[str, Any] = {}
     if args.mode == "plain":
-        chunks = [c async for c in veo3.download(video)]
-        data = b"".join(chunks)
-        del chunks
+        # Read into one buffer of the final size: the baseline's memory is
+        # the video once, plus the parts in flight.
+        buffer = bytearray(args.size)
+        at = 0
+        async for chunk in veo3.download(video):
+            buffer[at : at + len(chunk)] = chunk
+            at += len(chunk)
+        data = memoryview(buffer)[:at]
         rss_before = psutil.Process().memory_info().rss
         started = time.perf_counter()
         await plain_upload(settings, key, data)
