@@ -353,8 +353,11 @@ class RequestIdMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        # WebSocket frames go straight through: the wrapper only touches
+        # HTTP responses, and a connection may send thousands of frames.
+        outgoing = send_with_id if scope["type"] == "http" else send
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, outgoing)
         except Exception as exc:
             if scope["type"] != "http" or "status" in status_holder:
                 raise

@@ -23,8 +23,9 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jwt
 import msgspec
@@ -127,6 +128,25 @@ def load_or_create_dev_key(data_dir: Path) -> str:
     return key
 
 
+# Tokens remembered as verified, at most; the oldest is forgotten first.
+VERIFIED_CACHE_SIZE = 4096
+
+
+def _now_s() -> float:
+    return time.time()
+
+
+class _Verified(NamedTuple):
+    """A token that verified, remembered until ``until_s`` (epoch seconds)."""
+
+    principal: Principal
+    until_s: float
+    # The provider's key that verified it; None for the shared secret, which
+    # cannot change while the process runs.
+    key: Any
+    kid_alg: tuple[str | None, str]
+
+
 class TokenAuthority:
     """Verifies bearer tokens; issues dev tokens and scoped read tokens.
 
@@ -160,6 +180,8 @@ class TokenAuthority:
                 timeout_s=auth.jwks_timeout_s,
             )
         self.jwks = jwks
+        # Tokens that verified, by their exact text.
+        self._verified: dict[str, _Verified] = {}
 
     async def aclose(self) -> None:
         """Close the JWKS client; safe to call twice."""
@@ -219,8 +241,39 @@ class TokenAuthority:
         """The principal of a valid token; Unauthorized for anything else.
 
         May fetch the JWKS (bounded by ``auth.jwks_timeout_s``), which is
-        why it is a coroutine.
+        why it is a coroutine. A token that verified is remembered (by its
+        exact text, signature included) until it expires, so a tab polling
+        every second is not charged a signature check each time: that check
+        cost more than the rest of a status read. Nothing about a token can
+        change while it is valid (there is no revocation) except the
+        provider's key set, which is consulted on each use of a remembered
+        provider token; so remembering does not change who is let in.
         """
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            if _now_s() >= remembered.until_s:
+                del self._verified[token]
+                raise Unauthorized("the token has expired")
+            if remembered.key is None or await self._same_key(remembered):
+                return remembered.principal
+            # The provider's key set changed since: check the token afresh,
+            # so that a withdrawn key stops working.
+            del self._verified[token]
+        fresh = await self._verify_afresh(token)
+        self._remember(token, fresh)
+        return fresh.principal
+
+    async def _same_key(self, remembered: _Verified) -> bool:
+        assert self.jwks is not None and remembered.key is not None
+        kid, alg = remembered.kid_alg
+        try:
+            # Cheap while the set is cached; refetches it when it is due.
+            return await self.jwks.key(kid, alg) is remembered.key
+        except Unauthorized:
+            return False
+
+    async def _verify_afresh(self, token: str) -> _Verified:
+        """The principal of a valid token, and how long it stays valid."""
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -236,13 +289,14 @@ class TokenAuthority:
                 f" {', '.join(self._algorithms)}"
             )
         key: Any
+        kid = header.get("kid")
+        kid = kid if isinstance(kid, str) else None
         if alg.startswith("HS"):
             key = self._secret
         elif self.jwks is None:
             raise Unauthorized("no key set is configured for this algorithm")
         else:
-            kid = header.get("kid")
-            key = await self.jwks.key(kid if isinstance(kid, str) else None, alg)
+            key = await self.jwks.key(kid, alg)
         auth = self.settings.auth
         claims = self._decode(
             token,
@@ -252,9 +306,17 @@ class TokenAuthority:
             audience=auth.audience or None,
             require=["sub", "exp"],
         )
-        return principal_from_claims(claims)
+        return _Verified(
+            principal_from_claims(claims),
+            self._until_s(claims),
+            None if alg.startswith("HS") else key,
+            (kid, alg),
+        )
 
-    def _verify_scoped(self, token: str) -> Principal:
+    def _until_s(self, claims: dict[str, Any]) -> float:
+        return float(claims["exp"]) + self.settings.auth.leeway_s
+
+    def _verify_scoped(self, token: str) -> _Verified:
         claims = self._decode(
             token,
             self._secret,
@@ -269,7 +331,8 @@ class TokenAuthority:
         if not isinstance(scope, str) or not scope.split():
             raise Unauthorized("the token's scope claim is empty")
         principal = principal_from_claims(claims)
-        return msgspec.structs.replace(principal, scopes=frozenset(scope.split()))
+        scoped = msgspec.structs.replace(principal, scopes=frozenset(scope.split()))
+        return _Verified(scoped, self._until_s(claims), None, (None, "HS256"))
 
     def _decode(
         self,
@@ -297,6 +360,12 @@ class TokenAuthority:
             raise Unauthorized("the token is not valid yet") from None
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"the token is not valid: {exc}") from None
+
+    def _remember(self, token: str, verified: _Verified) -> None:
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            # Dicts keep insertion order: the first key is the oldest.
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = verified
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """Verify an ``Authorization: Bearer ...`` header value."""

@@ -112,6 +112,11 @@ class Connection:
         self.principal: Principal | None = None
         self.subscriptions: dict[str, Subscription] = {}
         self._auth_timer: asyncio.TimerHandle | None = None
+        # When the frame being written started (loop time), None between
+        # frames, and the timer that checks it (see _write_loop).
+        self._write_started: float | None = None
+        self._write_watch: asyncio.TimerHandle | None = None
+        self._writer: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -148,7 +153,7 @@ class Connection:
             )
         # 3. Read and write concurrently until either side ends.
         reader = asyncio.create_task(self._read_loop())
-        writer = asyncio.create_task(self._write_loop())
+        writer = self._writer = asyncio.create_task(self._write_loop())
         self.outbox.on_abort = writer.cancel
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
@@ -189,6 +194,8 @@ class Connection:
         self.outbox.on_abort = None
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        if self._write_watch is not None:
+            self._write_watch.cancel()
         self.hub.unregister(self.outbox)
         subscriptions = list(self.subscriptions.values())
         self.subscriptions.clear()
@@ -244,25 +251,50 @@ class Connection:
     # -- writing --------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
+        # A write only waits when the client stopped reading, which is rare;
+        # a timeout around every frame would cost a timer per frame per
+        # connection. One timer per connection, armed when a write starts
+        # and none is pending, checks the write in progress instead (see
+        # _check_write); closing the outbox cancels this task.
         outbox = self.outbox
         metrics = self.services.metrics
+        loop = asyncio.get_running_loop()
         while True:
             text = await outbox.get()
             if text is None:
                 return
             born = outbox.last_born
-            try:
-                async with asyncio.timeout(self.settings.send_timeout_s):
-                    await self.ws.send({"type": "websocket.send", "text": text})
-                if metrics is not None:
-                    metrics.frame_written(born, time.perf_counter())
-            except TimeoutError:
-                log.warning(
-                    "ws client too slow: a write stalled",
-                    extra={"action": "ws.slow", "conn_id": self.conn_id},
+            self._write_started = started = loop.time()
+            if self._write_watch is None:
+                self._write_watch = loop.call_at(
+                    started + self.settings.send_timeout_s, self._check_write
                 )
-                outbox.close(CLOSE_SLOW, "too slow: a write stalled")
-                return
+            await self.ws.send({"type": "websocket.send", "text": text})
+            self._write_started = None
+            if metrics is not None:
+                metrics.frame_written(born, time.perf_counter())
+
+    def _check_write(self) -> None:
+        """Close the connection if the write in progress is overdue."""
+        self._write_watch = None
+        started = self._write_started
+        if started is None:
+            return
+        due = started + self.settings.send_timeout_s
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            # A later write is in progress: check it when it is due.
+            self._write_watch = loop.call_at(due, self._check_write)
+            return
+        log.warning(
+            "ws client too slow: a write stalled",
+            extra={"action": "ws.slow", "conn_id": self.conn_id},
+        )
+        # The first close wins: one already draining (after a failed auth)
+        # keeps its code, but its stalled write must end all the same.
+        self.outbox.close(CLOSE_SLOW, "too slow: a write stalled")
+        if self._writer is not None:
+            self._writer.cancel()
 
     def send(self, frame: ServerFrame) -> None:
         self.outbox.put(encode_frame(frame))

@@ -285,8 +285,7 @@ class JobActor:
                 else:
                     job, generation = await self._accepted(job.operation_name)
             if generation.status is Status.GENERATING:
-                video = await self._generate(job, generation)
-                job, generation = await self._read()
+                video, job, generation = await self._generate(job, generation)
             elif generation.status is Status.UPLOADING:
                 video = await self._finished_video(job)
             else:
@@ -412,12 +411,16 @@ class JobActor:
             self.ctx.storage, key, self.ctx.settings.storage
         )
 
-    async def _generate(self, job: Job, generation: Generation) -> VideoRef:
+    async def _generate(
+        self, job: Job, generation: Generation
+    ) -> tuple[VideoRef, Job, Generation]:
         """Poll until the operation ends; report estimated progress meanwhile.
 
         The deadline counts from the operation's start and is checked only
         against a fresh answer: an actor resuming after a long outage polls
-        first, since the video Google made meanwhile is paid for.
+        first, since the video Google made meanwhile is paid for. Returns the
+        video with the job and generation as its move to ``uploading`` wrote
+        them.
         """
         assert job.operation_name is not None
         deadline_s = self.ctx.settings.queue.generating_deadline_s
@@ -442,15 +445,16 @@ class JobActor:
         await self._progress.flush()
         async with self._fenced() as (tx, job, generation):
             now = utcnow()
-            await tx.upsert_job(
-                msgspec.structs.replace(job, phase="uploading", phase_started_at=now)
+            job = msgspec.structs.replace(
+                job, phase="uploading", phase_started_at=now
             )
-            await tx.change(
+            await tx.upsert_job(job)
+            generation = await tx.change(
                 generation,
                 action=Action.READY,
                 progress=max(generation.progress, PROGRESS_GENERATING_END),
             )
-        return video
+        return video, job, generation
 
     async def _poll(self, name: str, polls: int, give_up_s: float | None = None) -> Any:
         """One poll; Veo 3's transient errors are waited out, not requeued.

@@ -349,8 +349,10 @@ class _Upload:
 
     async def _copy(self) -> StoredObject:
         # 1. The first buffer decides between one PUT and a multipart upload.
-        buffer = bytearray(self.part_size)
-        size = await self.source.fill(buffer)
+        #    It grows with what arrives: zeroing a whole part up front cost
+        #    a small video more than the rest of its upload.
+        buffer = await self.source.read_up_to(self.part_size)
+        size = len(buffer)
         last = size < self.part_size or await self.source.at_end()
         if last and self.upload_id is None:
             return await self._put_whole(memoryview(buffer)[:size])
@@ -637,6 +639,21 @@ class _Source:
             filled += n
             self.offset += n
         return filled
+
+    async def read_up_to(self, limit: int) -> bytearray:
+        """The next ``limit`` bytes (fewer only at the end of the source).
+
+        Unlike :meth:`fill`, the buffer is only as large as what came.
+        """
+        buffer = bytearray()
+        while len(buffer) < limit:
+            if not self._pending and not await self._next_chunk():
+                break
+            n = min(len(self._pending), limit - len(buffer))
+            buffer += self._pending[:n]
+            self._pending = self._pending[n:]
+            self.offset += n
+        return buffer
 
     async def at_end(self) -> bool:
         """True when the source has no more bytes (reads ahead one chunk)."""

@@ -67,6 +67,17 @@ async def translate_errors() -> AsyncIterator[None]:
         raise StoreUnavailable(f"PostgreSQL: {exc}") from exc
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's session reset when a pooled connection is released.
+
+    The reset is a query (unlock advisory locks, close cursors, UNLISTEN,
+    RESET ALL) and so one more round trip for every store call. The pool's
+    connections carry none of that state: session advisory locks and LISTEN
+    use dedicated connections, and nothing runs SET. asyncpg still rolls
+    back a transaction left open before it calls this.
+    """
+
+
 class PostgresStore(Store):
     """The store on PostgreSQL, through one asyncpg pool."""
 
@@ -135,7 +146,10 @@ class PostgresStore(Store):
                 finally:
                     await conn.close()
             self._pool = await asyncpg.create_pool(
-                min_size=self._min_size, max_size=self._max_size, **kwargs
+                min_size=self._min_size,
+                max_size=self._max_size,
+                reset=_keep_session,
+                **kwargs,
             )
 
     async def close(self) -> None:

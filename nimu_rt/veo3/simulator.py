@@ -113,6 +113,7 @@ from starlette.types import Receive, Scope, Send
 
 from nimu_rt.config import Settings, SimulatorSettings
 from nimu_rt.errors import ConfigError
+from nimu_rt.sockets import listening_socket
 from nimu_rt.veo3.media import PaddedVideo, frame_size, render_mp4
 
 log = logging.getLogger(__name__)
@@ -1077,14 +1078,7 @@ class SimulatorServer:
         """Listen and serve; the base URL, e.g. ``http://127.0.0.1:40123``."""
         if self._task is not None:
             return self.base_url
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self._host, self._port))
-        except OSError:
-            sock.close()
-            raise
+        sock = listening_socket(self._host, self._port)
         self._socket = sock
         port = sock.getsockname()[1]
         host = f"[{self._host}]" if ":" in self._host else self._host

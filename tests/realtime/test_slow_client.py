@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.realtime.conftest import note, open_ws, queued_generation
@@ -56,3 +57,36 @@ async def test_a_client_that_stops_reading_is_cut_off_alone(api_factory):
         assert answer["op"] == "reset"
         assert answer["seq"] == sent[-1]
         assert answer["snapshot"]["seq"] == sent[-1]
+
+
+async def test_a_write_that_stalls_past_send_timeout_closes_the_connection(
+    api_factory, caplog
+):
+    # A buffer too large to overflow: only the stalled write can end it.
+    api = await api_factory(
+        {"realtime": {"subscriber_buffer_frames": 100_000, "send_timeout_s": 0.5}}
+    )
+    gid = (await queued_generation(api))["id"]
+    topic = f"generation:{gid}"
+    hub = api.services.hub
+
+    async with open_ws(api, max_queue=1) as slow, open_ws(api) as fast:
+        await slow.subscribe(topic)
+        await fast.subscribe(topic)
+        sent = 0
+        while hub.connection_count == 2:
+            assert sent < MAX_EVENTS, "the stalled client was never cut off"
+            seq = await note(api, gid, PAYLOAD)
+            sent += 1
+            assert (await fast.event())["seq"] == seq
+        # The fast client is untouched and still served.
+        seq = await note(api, gid, "after")
+        assert (await fast.event())["seq"] == seq
+        # Reading again, the stalled client gets what was buffered, then
+        # the end of the connection.
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await slow.recv()
+    assert any(
+        getattr(r, "action", None) == "ws.slow" for r in caplog.records
+    ), "no ws.slow record"

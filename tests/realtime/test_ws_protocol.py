@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from nimu_rt.events.hub import QUEUE_TOPIC
 from nimu_rt.ids import new_id
 from tests.conftest import Api
 from tests.realtime.conftest import open_ws, queued_generation
+from tests.support import WAIT_S
 
 
 async def test_topics_of_others_are_refused_as_if_they_did_not_exist(api: Api):
@@ -44,26 +46,36 @@ async def test_topics_of_others_are_refused_as_if_they_did_not_exist(api: Api):
         assert answer["snapshot"]["status"] == "cancelled"
 
 
-async def test_the_queue_topic_streams_ephemeral_messages_to_operators(api: Api):
+async def test_operators_watch_the_coordinators_queue_statistics(api: Api):
     hub = api.services.hub
-    hub.publish(QUEUE_TOPIC, "stats", {"queued": 4, "running": 1}, retain=True)
+    async with asyncio.timeout(WAIT_S):
+        while "stats" not in hub.retained(QUEUE_TOPIC):
+            await asyncio.sleep(0.05)
     async with open_ws(api, "ops", "admin") as ws:
         answer = await ws.subscribe(QUEUE_TOPIC)
-        assert answer == {
-            "op": "subscribed",
-            "topic": QUEUE_TOPIC,
-            "snapshot": {"stats": {"queued": 4, "running": 1}},
-            "seq": None,
-        }
-        hub.publish(QUEUE_TOPIC, "stats", {"queued": 3, "running": 2}, retain=True)
-        event = await ws.event()
-        assert (event["type"], event["data"], event["seq"]) == (
-            "stats",
-            {"queued": 3, "running": 2},
+        assert (answer["op"], answer["topic"], answer["seq"]) == (
+            "subscribed",
+            QUEUE_TOPIC,
             None,
         )
-        assert event["generationId"] is None
-    assert hub.retained(QUEUE_TOPIC) == {"stats": {"queued": 3, "running": 2}}
+        # The last statistics the coordinator published, kept for newcomers:
+        # its own name, and an empty queue.
+        stats = answer["snapshot"]["stats"]
+        assert stats["coordinator"] is not None
+        assert stats["depth"]["total"] == 0
+        # A generation joins the queue; the next statistics count it. Queue
+        # messages are ephemeral: no seq, no generation.
+        await queued_generation(api)
+        while True:
+            event = await ws.event()
+            assert (event["type"], event["seq"], event["generationId"]) == (
+                "stats",
+                None,
+                None,
+            )
+            if event["data"]["depth"]["total"] == 1:
+                break
+    assert hub.retained(QUEUE_TOPIC)["stats"]["depth"]["total"] == 1
 
 
 async def test_bad_frames_get_error_frames_and_the_connection_stays(api: Api):

@@ -76,7 +76,7 @@ async def test_a_scoped_token_reads_what_it_names(api: Api):
         params={"waitSeconds": 0.05, "sinceSeq": video["seq"]},
         headers=bearer(token),
     )
-    assert r.status_code == 304  # long-poll: nothing new
+    assert r.status_code == 304, r.text  # long-poll: nothing new
     r = await api.client.get(f"/api/storage/videos/{g['id']}", headers=bearer(token))
     assert r.status_code == 200, r.text
     assert "/api/storage/objects/videos/alice/" in r.json()["url"]
