@@ -11,7 +11,6 @@ event loop ``nimu-rt serve`` uses. No auth, no store, no middleware.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nimu_rt import cli
 from nimu_rt.api.ws import uvicorn_options
 from nimu_rt.config import load_settings
 from nimu_rt.sockets import listening_socket
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         **uvicorn_options(settings),
     )
     print(f"bare server on http://127.0.0.1:{args.port}", flush=True)
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    cli.run_server(uvicorn.Server(config).serve(sockets=[sock]))
     return 0
 
 

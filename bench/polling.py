@@ -65,6 +65,9 @@ def load(
         cmd += ["-H", f"{key}: {value}"]
     wrk = h.Proc(f"wrk-{name}", [*cmd, url])
     procs.append(wrk)
+    profile = None
+    if args.profile and name.startswith("nimu"):
+        profile = h.profile(f"polling-{name}", server.pid, args.duration_s - 1, procs)
     ledger = h.Ledger(
         {"server": server.pids, "wrk": wrk.pids}, pg_clients=["server"]
     )
@@ -75,6 +78,8 @@ def load(
     wrk.wait(args.duration_s + 30)
     result = parse_wrk(wrk.output())
     result["ledger"] = report
+    if profile is not None:
+        result["profile"] = str(profile)
     served = result["requests_per_s"] * report["wall_s"]
     if served:
         result["server_cpu_us_per_request"] = round(
@@ -89,6 +94,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--duration-s", type=int, default=15)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="record py-spy profiles of nimu_rt's runs")
     parser.add_argument("--server-cmd", default=h.NIMU_RT,
                         help="what runs `serve` (e.g. an older checkout)")
     args = parser.parse_args(argv)

@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         finally:
             await services.stop()
 
-    asyncio.run(run())
+    cli.run_server(run())
     return 0
 
 
