@@ -40,6 +40,13 @@ from nimu_rt.errors import (
     ValidationFailed,
 )
 from nimu_rt.ids import is_id, new_id
+from nimu_rt.jobs.commands import (
+    Intent,
+    apply_command,
+    default_failure,
+    discard_upload,
+    override_action,
+)
 from nimu_rt.lifecycle import Action, Status, next_status
 from nimu_rt.models import (
     Clarification,
@@ -49,17 +56,10 @@ from nimu_rt.models import (
     GenerationOptions,
     utcnow,
 )
-from nimu_rt.jobs.commands import (
-    Intent,
-    apply_command,
-    default_failure,
-    discard_upload,
-    override_action,
-)
 from nimu_rt.spend import check_daily_cap
-from nimu_rt.store import IdempotencyRecord, Job, Store, Transaction
 from nimu_rt.storage.base import Storage
 from nimu_rt.storage.keys import is_reference_key_of
+from nimu_rt.store import IdempotencyRecord, Job, Store, Transaction
 from nimu_rt.veo3.checks import model_problems, option_problems
 from nimu_rt.veo3.pricing import estimate_cost
 

@@ -16,8 +16,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from nimu_rt.auth import Principal
-from nimu_rt.events.hub import generation_topic
-from nimu_rt.ids import is_id
 from nimu_rt.errors import (
     MalformedJSON,
     NimuError,
@@ -27,6 +25,8 @@ from nimu_rt.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from nimu_rt.events.hub import generation_topic
+from nimu_rt.ids import is_id
 from nimu_rt.models import encode
 
 # Where AuthMiddleware leaves the outcome: a Principal or the NimuError that

@@ -29,7 +29,6 @@ from nimu_rt.errors import ValidationFailed
 from nimu_rt.lifecycle import Status
 from nimu_rt.models import Generation, Page
 
-
 # Largest waitSeconds accepted at all; longer waits are cut to the
 # configured cap rather than refused.
 LONGPOLL_MAX_QUERY_S = 3600.0

@@ -31,8 +31,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from nimu_rt.client.rest import ApiError, ServiceUnreachable
 from nimu_rt.errors import NimuError
-from nimu_rt.events.frames import EventFrame, Pong, Reset, Subscribed
 from nimu_rt.events.frames import Error as ErrorFrame
+from nimu_rt.events.frames import EventFrame, Pong, Reset, Subscribed
 from nimu_rt.lifecycle import TERMINAL
 from nimu_rt.models import Event, EventType, Generation
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
 from nimu_rt.auth import Principal
 from nimu_rt.errors import NimuError, NotFound
 from nimu_rt.events.frames import (

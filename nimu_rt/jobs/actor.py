@@ -50,6 +50,12 @@ from nimu_rt.errors import (
     Veo3Error,
     Veo3Retryable,
 )
+from nimu_rt.jobs.commands import (
+    apply_command,
+    discard_upload,
+    override_action,
+    ran_seconds,
+)
 from nimu_rt.lifecycle import (
     PROGRESS_COMPLETE,
     PROGRESS_GENERATING_END,
@@ -59,12 +65,6 @@ from nimu_rt.lifecycle import (
     generating_progress,
     next_status,
     uploading_progress,
-)
-from nimu_rt.jobs.commands import (
-    apply_command,
-    discard_upload,
-    override_action,
-    ran_seconds,
 )
 from nimu_rt.models import ErrorInfo, EventType, Generation, utcnow
 from nimu_rt.storage.base import Storage, UploadState

@@ -23,8 +23,8 @@ from nimu_rt.errors import NimuError
 from nimu_rt.jobs import queries
 from nimu_rt.lifecycle import TERMINAL
 from nimu_rt.models import Generation, utcnow
-from nimu_rt.storage.video import video_keys
 from nimu_rt.storage.base import Storage
+from nimu_rt.storage.video import video_keys
 from nimu_rt.store.base import Store
 
 log = logging.getLogger(__name__)
