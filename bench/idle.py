@@ -8,8 +8,9 @@ against Socket.IO (bench/node/socketio_server.mjs).
 Queued jobs: K generations created and confirmed with the queue paused, so
 they stay queued: the server's RSS change per job, and the PostgreSQL bytes
 per job (tables, indexes and TOAST of the schema, dead row versions of
-updated rows included, as they are until autovacuum reclaims them). Against BullMQ: K jobs of the same data added to
-a queue no worker reads, Redis ``used_memory`` change per job.
+updated rows included, as they are until autovacuum reclaims them).
+Against BullMQ: K jobs of the same data added to a queue no worker reads,
+Redis ``used_memory`` change per job.
 
     uv run python -m bench.idle --connections 10000 --jobs 2000
 """
@@ -31,7 +32,13 @@ from typing import Any
 import httpx
 
 from bench import harness as h
-from bench.fanout import PROMPT, create_generations, settle_rss, start_clients, wait_ready
+from bench.fanout import (
+    PROMPT,
+    create_generations,
+    settle_rss,
+    start_clients,
+    wait_ready,
+)
 
 
 def connections_nimu(n: int, workdir: Path, generations: int) -> dict[str, Any]:
@@ -174,7 +181,9 @@ def _redis_used(port: int) -> int:
         ["redis-cli", "-p", str(port), "INFO", "memory"],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout
-    return int(re.search(r"used_memory:(\d+)", out).group(1))  # type: ignore[union-attr]
+    match = re.search(r"used_memory:(\d+)", out)
+    assert match, out
+    return int(match.group(1))
 
 
 def queued_bullmq(jobs: int) -> dict[str, Any]:

@@ -37,7 +37,9 @@ def _ms(text: str) -> float:
 
 def parse_wrk(output: str) -> dict[str, Any]:
     """Requests/s, p50/p99 and errors from ``wrk --latency`` output."""
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    assert rate, output
+    rps = float(rate.group(1))
     p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
@@ -185,7 +187,8 @@ def render(doc: dict[str, Any]) -> str:
                 f"{b.get('server_cpu_us_per_request')} /"
                 f" {n.get('server_cpu_us_per_request')}",
                 f"{n['ledger']['cores'].get('postgres')}",
-                f"{b['ledger']['cores'].get('wrk')} / {n['ledger']['cores'].get('wrk')}",
+                f"{b['ledger']['cores'].get('wrk')} /"
+                f" {n['ledger']['cores'].get('wrk')}",
                 b["non_2xx_3xx"] + n["non_2xx_3xx"],
                 max(b["ledger"]["foreign_cores"], n["ledger"]["foreign_cores"]),
             ]

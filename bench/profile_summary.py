@@ -38,7 +38,7 @@ def short(frame: str) -> str:
         return frame
     name, path, _ = match.groups()
     parts = path.split("/")
-    where = "/".join(parts[-2:]) if "site-packages" not in path else parts[-2] + "/" + parts[-1]
+    where = "/".join(parts[-2:])
     return f"{name} ({where})"
 
 

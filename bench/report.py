@@ -58,14 +58,19 @@ def header(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     return "\n".join(
         [
-            f"`uv run {doc['command']}` — {doc['started'][:8]}"
-            f" {doc['started'][9:15]} UTC",
+            f"`uv run {doc['command'].strip()}` — {_when(doc['started'])}",
             "",
             f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB,"
             f" Linux {m['kernel']}, Python {m['python']}, Node {m['node']};"
             f" {quiet(doc)}.",
         ]
     )
+
+
+def _when(stamp: str) -> str:
+    """``20261204T081401Z`` as ``2026-12-04 08:14:01 UTC``."""
+    d, t = stamp[:8], stamp[9:15]
+    return f"{d[:4]}-{d[4:6]}-{d[6:]} {t[:2]}:{t[2:4]}:{t[4:]} UTC"
 
 
 def main(argv: list[str]) -> int:

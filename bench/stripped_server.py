@@ -20,7 +20,6 @@ this variant are labelled "stripped" wherever they appear.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import uuid
 from collections.abc import AsyncIterator

@@ -63,7 +63,8 @@ async def make_video(settings: Any, sim_url: str, size: int) -> tuple[Any, Video
     veo3 = create_veo3_client(settings, base_url=sim_url)
     options = GenerationOptions(model=settings.generations.default_model)
     name = await veo3.generate_video(
-        f"A calm lake under the stars at night, cinematic drone shot [sim:bytes={size}]",
+        "A calm lake under the stars at night, cinematic drone shot"
+        f" [sim:bytes={size}]",
         options,
     )
     for polls in range(100):

@@ -26,7 +26,12 @@ for (let done = 0; done < total; done += 100) {
   for (let i = done; i < Math.min(total, done + 100); i++) {
     batch.push({
       name: "generate",
-      data: { userId: `bench-user-${i % 50}`, prompt: PROMPT, durationSeconds: 4, n: i },
+      data: {
+        userId: `bench-user-${i % 50}`,
+        prompt: PROMPT,
+        durationSeconds: 4,
+        n: i,
+      },
     });
   }
   await queue.addBulk(batch);

@@ -82,7 +82,12 @@ for await (const line of lines) {
     let events = 0;
     for (const n of Object.values(perTopic)) events += n;
     console.log(
-      JSON.stringify({ bench: "published", events, per_topic: perTopic, late_max_ms: lateMax }),
+      JSON.stringify({
+        bench: "published",
+        events,
+        per_topic: perTopic,
+        late_max_ms: lateMax,
+      }),
     );
   }
 }
