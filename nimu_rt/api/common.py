@@ -9,6 +9,7 @@ read the outcome and decide whether it is enough for the route.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -132,44 +133,39 @@ def query_int(
     request: Request, name: str, default: int, *, minimum: int, maximum: int
 ) -> int:
     """An integer query parameter within bounds; 422 with its path otherwise."""
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or not minimum <= value <= maximum:
-        raise ValidationFailed(
-            [
-                {
-                    "path": f"$query.{name}",
-                    "message": f"must be an integer from {minimum} to {maximum}",
-                }
-            ]
-        )
-    return value
+    value = _query_number(
+        request, name, int, minimum, maximum, f"an integer from {minimum} to {maximum}"
+    )
+    return default if value is None else int(value)
 
 
 def query_float(
     request: Request, name: str, *, minimum: float, maximum: float
 ) -> float | None:
     """A numeric query value within bounds, or None when it is absent."""
+    expected = f"a number from {minimum:g} to {maximum:g}"
+    return _query_number(request, name, float, minimum, maximum, expected)
+
+
+def _query_number(
+    request: Request,
+    name: str,
+    parse: Callable[[str], float],
+    minimum: float,
+    maximum: float,
+    expected: str,
+) -> float | None:
     raw = request.query_params.get(name)
     if raw is None:
         return None
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
         value = None
+    # NaN fails both comparisons, so it is refused too.
     if value is None or not minimum <= value <= maximum:
         raise ValidationFailed(
-            [
-                {
-                    "path": f"$query.{name}",
-                    "message": f"must be a number from {minimum:g} to {maximum:g}",
-                }
-            ]
+            [{"path": f"$query.{name}", "message": f"must be {expected}"}]
         )
     return value
 

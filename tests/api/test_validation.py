@@ -154,6 +154,7 @@ async def test_negative_accepted_cost_is_422(api: Api):
         ("limit=0", "$query.limit"),
         ("limit=abc", "$query.limit"),
         ("limit=101", "$query.limit"),
+        ("limit=1.5", "$query.limit"),
         ("status=done", "$query.status"),
         ("cursor=%%%", "$query.cursor"),
     ],
@@ -162,6 +163,19 @@ async def test_bad_list_queries(api: Api, query, path):
     r = await api.client.get(f"/api/generations?{query}", headers=api.headers())
     doc = assert_problem(r, 422, "validation_failed")
     assert doc["errors"][0]["path"] == path
+
+
+@pytest.mark.parametrize("wait", ["abc", "nan", "-1", "inf"])
+async def test_a_bad_long_poll_wait_is_refused_with_its_bounds(api: Api, wait):
+    # Tried: a word, NaN, a negative and an infinite wait on a status read.
+    created = await api.create()
+    r = await api.client.get(
+        f"/api/generations/{created['id']}?waitSeconds={wait}",
+        headers=api.headers(),
+    )
+    doc = assert_problem(r, 422, "validation_failed")
+    assert doc["errors"][0]["path"] == "$query.waitSeconds"
+    assert doc["errors"][0]["message"].startswith("must be a number from 0 to")
 
 
 async def test_unknown_ids_and_routes_are_404_problems(api: Api):
