@@ -64,6 +64,11 @@ class Principal(Struct, frozen=True, kw_only=True):
         return self.role in ("admin", "service") and self.scopes is None
 
     def may_access(self, owner_id: str) -> bool:
+        """The ownership rule: a user's own things, or anything for operators.
+
+        Every route and topic asks this one question; a scoped token is
+        narrowed further by :meth:`allows_topic`.
+        """
         return self.user_id == owner_id or self.is_operator
 
     def allows_topic(self, topic: str) -> bool:

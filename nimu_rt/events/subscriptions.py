@@ -408,7 +408,7 @@ def open_subscription(
         )
     if topic.startswith(USER_PREFIX):
         user_id = topic[len(USER_PREFIX) :]
-        if user_id != principal.user_id and not principal.is_operator:
+        if not principal.may_access(user_id):
             raise NotFound(f"no topic {topic}")
         return UserSubscription(topic, user_id, ctx)
     if topic == QUEUE_TOPIC:
