@@ -18,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.support import WAIT_S, serve
+from tests.realtime.conftest import queued_generation
+from tests.support import serve
 
 ISSUER = "https://id.example.test/"
 AUDIENCE = "nimu-rt-test"
@@ -139,26 +140,8 @@ async def paused_api(api_factory: Callable[..., Any], **overrides: Any) -> Any:
 
 
 async def confirmed(api: Any, user: str = "alice") -> dict[str, Any]:
-    """A generation of ``user``, confirmed and waiting in the paused queue.
-
-    Returned once the coordinator published its place in line, so that no
-    event of the queue's lands in the middle of a test.
-    """
-    created = await api.create(user=user)
-    r = await api.client.post(
-        f"/api/generations/{created['id']}/confirm",
-        json={"acceptedCostUsd": created["costEstimate"]["usd"]},
-        headers=api.headers(user),
-    )
-    assert r.status_code == 200, r.text
-    r = await api.client.get(
-        f"/api/generations/{created['id']}",
-        params={"waitSeconds": WAIT_S, "sinceSeq": r.json()["seq"]},
-        headers=api.headers(user),
-    )
-    assert r.status_code == 200, r.text
-    assert r.json()["queuePosition"] is not None
-    return r.json()
+    """A generation of ``user``, confirmed and waiting in the paused queue."""
+    return await queued_generation(api, user)
 
 
 async def with_video(api: Any, generation_id: str) -> dict[str, Any]:
